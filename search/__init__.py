@@ -1,0 +1,1 @@
+"""The search driver: CLI, Tuner construction, results."""

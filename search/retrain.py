@@ -1,0 +1,59 @@
+"""`resnet-hpo train`: one run of `trainable.fit`, saved with its config, metrics and test score."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from trainable import TrainConfig, fit, load_dataset
+from trainable.config import read_yaml_mapping
+from trainable.errors import UserError
+from trainable.saved import MODEL_FILE, save_model_dir
+from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
+
+
+def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The file's values, then the flags on top; each error names where the value came from."""
+    cfg = TrainConfig.from_dict(read_yaml_mapping(config_file) if config_file else {},
+                                source=config_file)
+    return TrainConfig.from_dict({**cfg.to_dict(), **overrides}, source="flags")
+
+
+def print_epoch(metrics: dict[str, float], total_epochs: int) -> None:
+    print(f"epoch {metrics['epoch']:>3}/{total_epochs}  train_loss {metrics['train_loss']:.4f}  "
+          f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_acc']:.4f}  "
+          f"lr {metrics['lr']:.3g}  {metrics['images_per_s']:.0f} img/s  "
+          f"{metrics['epoch_time_s']:.1f}s", flush=True)
+
+
+def train_command(config_file: str | None, overrides: dict[str, Any], output: str | None,
+                  onnx: bool = False, device: str | None = None) -> None:
+    cfg = resolve_config(config_file, overrides)
+    out = Path(output or f"runs/train-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / MODEL_FILE).exists():
+        raise UserError(f"--output {out}: already holds a model ({MODEL_FILE}); choose another "
+                        "directory or remove it")
+    data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    print(data.summary(), flush=True)
+
+    def report(metrics: dict[str, float], _save: SaveCheckpoint) -> None:
+        print_epoch(metrics, cfg.epochs)
+
+    result = fit(cfg, report, data=data, device=device)
+    metrics: dict[str, Any] = {"best_epoch": result.best_epoch,
+                               "best_val_acc": result.best_val_acc, "test_acc": None,
+                               "class_names": data.class_names, "history": result.history}
+    if data.test is not None:
+        rt = Runtime.for_config(cfg, device)
+        _, metrics["test_acc"] = evaluate(result.model, DeviceImages(data.test, rt.device), rt,
+                                          2 * cfg.batch_size)
+    save_model_dir(out, cfg, result.model, metrics)
+    if onnx:
+        from trainable.export import export_onnx
+
+        export_onnx(result.model, cfg.resolution, out / "model.onnx")
+    score = (f"test_acc {metrics['test_acc']:.4f}" if metrics["test_acc"] is not None
+             else f"val_acc {result.best_val_acc:.4f} (no test split)")
+    print(f"best epoch {result.best_epoch}: val_acc {result.best_val_acc:.4f}; {score}; "
+          f"model in {out}/")

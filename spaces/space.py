@@ -1,0 +1,353 @@
+"""Search-space files: load, validate against TrainConfig, and sample with Optuna.
+
+A space file is checked completely (names, types, ranges, conditions, sampler and scheduler)
+before Ray starts, and every error is one line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from trainable.config import (
+    TrainConfig,
+    field_choices,
+    field_names,
+    field_range,
+    field_type,
+    range_text,
+    read_yaml_mapping,
+    unknown_key_message,
+)
+from trainable.errors import UserError
+
+SHIPPED_DIR = Path(__file__).parent
+SAMPLERS = ("tpe", "cmaes", "random", "qmc", "gp")
+SCHEDULERS = ("asha", "fifo")
+METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
+TOP_KEYS = ("metric", "mode", "sampler", "scheduler", "fixed", "search", "resources")
+SCHEDULER_KEYS = {"name": str, "max_epochs": int, "grace_period": int, "reduction_factor": float}
+RESOURCE_KEYS = {"gpus_per_trial": float, "cpus_per_trial": float, "max_concurrent": int}
+PARAM_KEYS = {"float": {"type", "low", "high", "log", "step", "when"},
+              "int": {"type", "low", "high", "log", "step", "when"},
+              "categorical": {"type", "choices", "when"}}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched TrainConfig key and its distribution; `when` maps keys to allowed values."""
+    name: str
+    distribution: optuna.distributions.BaseDistribution
+    when: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def active(self, sampled: dict[str, Any]) -> bool:
+        return all(key in sampled and sampled[key] in allowed
+                   for key, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    name: str = "asha"
+    max_epochs: int = 10
+    grace_period: int = 1
+    reduction_factor: float = 3.0
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    source: str  # the file it came from, for messages and the run's metadata
+    text: str
+    metric: str = "val_acc"
+    mode: str = "max"
+    sampler: str = "tpe"
+    scheduler: Scheduler = Scheduler()
+    fixed: dict[str, Any] = field(default_factory=dict)
+    params: tuple[Param, ...] = ()
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, *, sampler: str | None = None, scheduler: dict[str, Any] | None = None,
+                fixed: dict[str, Any] | None = None) -> SearchSpace:
+        """A copy with command-line overrides, validated like the file itself. A fixed value
+        replaces a searched one; parameters conditioned on it stay only if it meets them."""
+        changes: dict[str, Any] = {}
+        if sampler is not None:
+            _check_choice(self.source, "sampler", sampler, SAMPLERS)
+            changes["sampler"] = sampler
+        sched = self.scheduler
+        if scheduler:
+            sched = changes["scheduler"] = _scheduler(
+                self.source, {**dataclasses.asdict(self.scheduler), **scheduler})
+        if fixed:
+            merged = _fixed("flags", {**self.fixed, **fixed}, sched)
+            params = []
+            for p in self.params:
+                if p.name in merged:
+                    continue
+                pinned = {k: v for k, v in p.when.items() if k in merged}
+                if all(merged[k] in allowed for k, allowed in pinned.items()):
+                    params.append(dataclasses.replace(
+                        p, when={k: v for k, v in p.when.items() if k not in pinned}))
+            changes.update(fixed=merged, params=tuple(params))
+        return dataclasses.replace(self, **changes)
+
+    def config(self, sampled: dict[str, Any]) -> TrainConfig:
+        """The full TrainConfig of a trial: defaults, then fixed values, then the sample."""
+        return TrainConfig.from_dict({**self.fixed, "epochs": self.scheduler.max_epochs,
+                                      **sampled})
+
+
+class DefineByRun:
+    """Optuna define-by-run function for OptunaSearch: samples the active parameters of a
+    trial and returns the fixed values with them.
+
+    A class, not a closure, so that Tune can pickle it into the experiment state and
+    `--resume` can restore the search.
+    """
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        sampled: dict[str, Any] = {}
+        for param in self.space.params:  # ordered so that conditions come first
+            if param.active(sampled):
+                sampled[param.name] = _suggest(trial, param)
+        return {**self.space.fixed, "epochs": self.space.scheduler.max_epochs, **sampled}
+
+
+def _suggest(trial: optuna.Trial, param: Param) -> Any:
+    d = param.distribution
+    if isinstance(d, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(param.name, d.low, d.high, log=d.log, step=d.step)
+    if isinstance(d, optuna.distributions.IntDistribution):
+        return trial.suggest_int(param.name, d.low, d.high, log=d.log, step=d.step)
+    assert isinstance(d, optuna.distributions.CategoricalDistribution)
+    return trial.suggest_categorical(param.name, d.choices)
+
+
+def resolve_space_path(name_or_path: str) -> Path:
+    """`quick` -> the shipped spaces/quick.yaml; anything with a suffix or a slash is a path."""
+    path = Path(name_or_path)
+    if path.suffix or "/" in name_or_path or path.exists():
+        return path
+    shipped = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if not shipped.exists():
+        names = ", ".join(sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")))
+        raise UserError(f"--space {name_or_path}: no such shipped space; use one of {names} "
+                        "or a path to a YAML file")
+    return shipped
+
+
+def load_space(name_or_path: str) -> SearchSpace:
+    path = resolve_space_path(name_or_path)
+    values = read_yaml_mapping(path)
+    src = str(path)
+    for key in values:
+        if key not in TOP_KEYS:
+            raise UserError(f"{src}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
+    metric = values.get("metric", "val_acc")
+    _check_choice(src, "metric", metric, tuple(METRICS))
+    mode = values.get("mode", METRICS[metric])
+    _check_choice(src, "mode", mode, ("max", "min"))
+    sampler = values.get("sampler", "tpe")
+    _check_choice(src, "sampler", sampler, SAMPLERS)
+    scheduler = _scheduler(src, _mapping(src, "scheduler", values.get("scheduler", {})))
+    fixed = _fixed(src, _mapping(src, "fixed", values.get("fixed", {})), scheduler)
+    search = _mapping(src, "search", values.get("search", {}))
+    params = _order(src, [_param(src, name, spec, fixed) for name, spec in search.items()])
+    for param in params:
+        if param.name in fixed:
+            raise UserError(f"{src}: key 'search.{param.name}' is also in 'fixed'; keep one")
+    resources = _typed_mapping(src, "resources", values.get("resources", {}), RESOURCE_KEYS)
+    return SearchSpace(src, path.read_text(), metric, mode, sampler, scheduler, fixed,
+                       tuple(params), resources)
+
+
+def _mapping(src: str, key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"{src}: key '{key}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_choice(src: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{src}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _typed_mapping(src: str, key: str, value: Any, types: dict[str, type]) -> dict[str, Any]:
+    out = {}
+    for name, item in _mapping(src, key, value).items():
+        if name not in types:
+            raise UserError(f"{src}: unknown key '{key}.{name}'; allowed: {', '.join(types)}")
+        try:
+            number = types[name](item)
+            if isinstance(item, bool) or (types[name] is not str and number <= 0):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UserError(f"{src}: key '{key}.{name}' must be a positive "
+                            f"{types[name].__name__}, got {item!r}") from None
+        out[name] = number
+    return out
+
+
+def _scheduler(src: str, values: dict[str, Any]) -> Scheduler:
+    values = _typed_mapping(src, "scheduler", values, SCHEDULER_KEYS)
+    scheduler = Scheduler(**values)
+    _check_choice(src, "scheduler.name", scheduler.name, SCHEDULERS)
+    if scheduler.reduction_factor <= 1:
+        raise UserError(f"{src}: key 'scheduler.reduction_factor' must be > 1, "
+                        f"got {scheduler.reduction_factor}")
+    if scheduler.grace_period > scheduler.max_epochs:
+        raise UserError(f"{src}: key 'scheduler.grace_period' ({scheduler.grace_period}) must "
+                        f"be <= scheduler.max_epochs ({scheduler.max_epochs})")
+    return scheduler
+
+
+def _fixed(src: str, fixed: dict[str, Any], scheduler: Scheduler) -> dict[str, Any]:
+    """Validate fixed values through TrainConfig itself, so they are cast exactly as a config."""
+    if "epochs" in fixed:
+        raise UserError(f"{src}: key 'fixed.epochs': set scheduler.max_epochs (or --max-epochs) "
+                        "instead; it is ASHA's max_t and every trial's epoch budget")
+    try:
+        cfg = TrainConfig.from_dict({**fixed, "epochs": scheduler.max_epochs})
+    except UserError as e:
+        raise UserError(f"{src}: fixed: {e}") from None
+    return {name: getattr(cfg, name) for name in fixed}
+
+
+def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
+    where = f"{src}: key 'search.{name}'"
+    if name not in field_names():
+        raise UserError(f"{src}: search: {unknown_key_message(name)}")
+    if name in ("data", "resolution", "epochs"):
+        raise UserError(f"{where} cannot be searched: it is fixed for the whole search "
+                        "(--data, fixed.resolution, scheduler.max_epochs)")
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be a mapping with 'type', got {spec!r}")
+    kind = spec.get("type")
+    if kind not in PARAM_KEYS:
+        raise UserError(f"{where}: 'type' must be float, int or categorical, got {kind!r}")
+    for key in spec:
+        if key not in PARAM_KEYS[kind]:
+            raise UserError(f"{where}: unknown key '{key}' for type {kind}; allowed: "
+                            f"{', '.join(sorted(PARAM_KEYS[kind]))}")
+    when = _when(src, name, spec.get("when", {}))
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise UserError(f"{where}: 'choices' must be a non-empty list")
+        cast = [_valid_value(where, name, c) for c in choices]
+        return Param(name, optuna.distributions.CategoricalDistribution(cast), when)
+    tp = field_type(name)
+    wanted = {"float": (float,), "int": (int,)}[kind]
+    if tp not in wanted:
+        raise UserError(f"{where}: type {kind} does not fit the config key, which is "
+                        f"{getattr(tp, '__name__', 'a choice')}; use type "
+                        f"{ {float: 'float', int: 'int'}.get(tp, 'categorical') }")
+    bounds = []
+    for key in ("low", "high"):
+        if key not in spec:
+            raise UserError(f"{where}: '{key}' is required for type {kind}")
+        bounds.append(_number(where, key, spec[key], tp))
+    low, high = bounds
+    if low >= high:
+        raise UserError(f"{where}: low ({low:g}) must be < high ({high:g})")
+    for value in (low, high):
+        _valid_value(where, name, value)
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: 'log' must be true or false, got {log!r}")
+    if log and low <= 0:
+        raise UserError(f"{where}: log scale needs low > 0, got {low:g}")
+    step = _number(where, "step", spec["step"], tp) if "step" in spec else None
+    if step is not None and (step <= 0 or log):
+        raise UserError(f"{where}: 'step' must be > 0 and cannot be combined with log")
+    if kind == "float":
+        return Param(name, optuna.distributions.FloatDistribution(low, high, log=log, step=step),
+                     when)
+    return Param(name, optuna.distributions.IntDistribution(low, high, log=log, step=step or 1),
+                 when)
+
+
+def _number(where: str, key: str, value: Any, tp: type) -> Any:
+    """PyYAML reads `1e-3` as a string; accept it, reject anything that is not a number."""
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number) or (tp is int and number != int(number)):
+            raise ValueError
+    except (TypeError, ValueError):
+        kind = "an integer" if tp is int else "a number"
+        raise UserError(f"{where}: '{key}' must be {kind}, got {value!r}") from None
+    return int(number) if tp is int else number
+
+
+def _valid_value(where: str, name: str, value: Any) -> Any:
+    """A value the config key accepts (cast as TrainConfig casts it)."""
+    try:
+        return getattr(TrainConfig.from_dict({name: value, **_companions(name, value)}), name)
+    except UserError as e:
+        detail = str(e).split(": ", 1)[-1]
+        allowed = field_choices(name) or (range_text(name) if field_range(name) else "")
+        raise UserError(f"{where}: {detail}" + (f" (allowed: {allowed})" if allowed and
+                                                 "allowed" not in detail else "")) from None
+
+
+def _companions(name: str, value: Any) -> dict[str, Any]:
+    """Other keys that must move so one value can be checked alone (min_lr <= lr, ...)."""
+    if name == "lr":
+        return {"min_lr": 0.0}
+    if name == "min_lr":
+        return {"lr": 10.0}
+    if name == "warmup_epochs":
+        return {"epochs": 100_000}
+    return {}
+
+
+def _when(src: str, name: str, when: Any) -> dict[str, tuple[Any, ...]]:
+    out = {}
+    for key, allowed in _mapping(src, f"search.{name}.when", when).items():
+        if not isinstance(allowed, list):
+            allowed = [allowed]
+        out[str(key)] = tuple(allowed)
+    return out
+
+
+def _order(src: str, params: list[Param]) -> list[Param]:
+    """Order parameters so each comes after those its `when:` depends on."""
+    by_name = {p.name: p for p in params}
+    for p in params:
+        for key, allowed in p.when.items():
+            if key not in by_name:
+                raise UserError(f"{src}: key 'search.{p.name}.when' refers to '{key}', which "
+                                f"is not searched; searched keys: {', '.join(by_name)}")
+            d = by_name[key].distribution
+            if isinstance(d, optuna.distributions.CategoricalDistribution):
+                bad = [a for a in allowed if a not in d.choices]
+                if bad:
+                    raise UserError(f"{src}: key 'search.{p.name}.when.{key}': {bad[0]!r} is "
+                                    f"not among its choices {list(d.choices)}")
+    ordered: list[Param] = []
+    visiting: set[str] = set()
+
+    def visit(p: Param) -> None:
+        if p in ordered:
+            return
+        if p.name in visiting:
+            raise UserError(f"{src}: key 'search.{p.name}.when': conditions form a cycle")
+        visiting.add(p.name)
+        for key in p.when:
+            visit(by_name[key])
+        ordered.append(p)
+
+    for p in params:
+        visit(p)
+    return ordered

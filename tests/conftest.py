@@ -1,0 +1,78 @@
+"""Shared fixtures: small generated data, weights files, and nothing from the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import resnet18
+
+from trainable import Dataset, Split
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-image caches go to a temporary directory, never the user's home."""
+    monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def write_class_tree(root: Path, per_class: int, size: int = 20, seed: int = 0) -> Path:
+    """root/<colour>/<i>.png: noisy images whose mean colour gives the class."""
+    rng = np.random.default_rng(seed)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(rgb, 40, (size, size + 4, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def flat_tree(tmp_path: Path) -> Path:
+    """A class-per-folder tree with no split folders (10 images a class)."""
+    return write_class_tree(tmp_path / "flat", per_class=10)
+
+
+@pytest.fixture
+def split_tree(tmp_path: Path) -> Path:
+    """train/ val/ test/ folders, each class-per-folder."""
+    root = tmp_path / "split"
+    for split, n, seed in (("train", 8, 0), ("val", 3, 1), ("test", 4, 2)):
+        write_class_tree(root / split, per_class=n, seed=seed)
+    return root
+
+
+def tiny_dataset(resolution: int = 16, n_train: int = 24, n_val: int = 12,
+                 num_classes: int = 3, seed: int = 0) -> Dataset:
+    """Random uint8 images whose class is their brightest channel: fast and learnable."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Split:
+        labels = np.arange(n) % num_classes
+        images = rng.integers(0, 80, (n, 3, resolution, resolution), dtype=np.uint8)
+        images[np.arange(n), labels % 3] += 150
+        return Split(images, labels.astype(np.int64))
+
+    return Dataset("tiny", resolution, [f"c{i}" for i in range(num_classes)],
+                   split(n_train), split(n_val), split(n_val))
+
+
+@pytest.fixture
+def tiny() -> Dataset:
+    return tiny_dataset()
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torchvision ResNet18 state dict (random weights, 1000-class fc), as a user would
+    save ImageNet weights for an air-gapped cluster."""
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.manual_seed(123)
+    torch.save(resnet18().state_dict(), path)
+    return path

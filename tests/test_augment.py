@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from trainable.augment import crop_and_flip, mix, normalize, soft_cross_entropy, soft_targets
+from trainable.schedule import lr_factor
+
+
+def test_soft_targets_with_smoothing_sum_to_one() -> None:
+    targets = soft_targets(torch.tensor([0, 2, 1]), 4, 0.1)
+    assert torch.allclose(targets.sum(1), torch.ones(3))
+    assert targets[0, 0] == pytest.approx(0.9 + 0.025) and targets[0, 1] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixed_targets_sum_to_one_and_match_the_pixels(mixup: float, cutmix: float) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
+        targets = soft_targets(torch.tensor([0, 1]), 2, 0.0)
+        mixed, mixed_targets = mix(x, targets, mixup, cutmix, 1.0, rng)
+        assert torch.allclose(mixed_targets.sum(1), torch.ones(2))
+        # Image 0 (zeros) got class-1 pixels in exactly the share its target says.
+        assert mixed[0].mean().item() == pytest.approx(mixed_targets[0, 1].item(), abs=1e-6)
+
+
+def test_mix_prob_zero_or_no_alpha_leaves_the_batch_alone() -> None:
+    x, t = torch.rand(4, 3, 8, 8), soft_targets(torch.tensor([0, 1, 0, 1]), 2, 0.0)
+    rng = np.random.default_rng(0)
+    for args in ((0.4, 1.0, 0.0), (0.0, 0.0, 1.0)):
+        out, out_t = mix(x, t, *args, rng)
+        assert out is x and out_t is t
+
+
+def test_pad_crop_shifts_by_whole_pixels_without_blur() -> None:
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    out = crop_and_flip(x, "pad", False, torch.Generator().manual_seed(1))
+    for i in range(2):
+        values = set(out[i].flatten().round().tolist()) - {0.0}
+        assert values <= set(x[i].flatten().tolist())  # only original pixels (or padding)
+        assert torch.allclose(out[i], out[i].round(), atol=1e-3)  # no interpolated values
+
+
+def test_flip_only_mirrors_exactly() -> None:
+    x = torch.rand(64, 3, 8, 8)
+    out = crop_and_flip(x, "none", True, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(64)]
+    kept = [torch.equal(out[i], x[i]) for i in range(64)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True)) and 10 < sum(flipped) < 54
+
+
+def test_resized_crop_keeps_shape_and_changes_images() -> None:
+    x = torch.rand(8, 3, 32, 32)
+    out = crop_and_flip(x, "resized", True, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and not torch.allclose(out, x)
+
+
+def test_normalize_uses_imagenet_statistics() -> None:
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert normalize(x)[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
+
+
+def test_soft_cross_entropy_equals_hard_cross_entropy_on_one_hot_targets() -> None:
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 2, 1, 0])
+    expected = torch.nn.functional.cross_entropy(logits, labels)
+    assert soft_cross_entropy(logits, soft_targets(labels, 4, 0.0)).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+
+
+def test_warmup_is_linear_per_step_then_cosine_to_min_lr() -> None:
+    assert lr_factor(0, 10, 110, 0.0) == pytest.approx(0.1)
+    assert lr_factor(4, 10, 110, 0.0) == pytest.approx(0.5)
+    assert lr_factor(10, 10, 110, 0.0) == pytest.approx(1.0)
+    assert lr_factor(60, 10, 110, 0.0) == pytest.approx(0.5)  # half-way down the cosine
+    assert lr_factor(110, 10, 110, 0.1) == pytest.approx(0.1)  # ends at min_lr / lr
+    assert lr_factor(5, 0, 10, 0.0) == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)))

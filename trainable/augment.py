@@ -1,0 +1,119 @@
+"""Batched augmentation on the training device: crop, flip, normalise, mixup/CutMix.
+
+Everything takes a whole uint8 batch already on the device, so a GPU trial never waits on
+per-sample PIL work in CPU workers. Random numbers for per-sample crops come from a
+device-side generator; the per-batch mixing draws come from a host generator, so nothing
+here synchronises the host with the device.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZED_CROP_MIN_AREA = 0.25
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 3 x H x W -> float32, standardised with ImageNet's channel statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    return (images.float() - mean) * inv_std
+
+
+def resolve_crop(crop: str, resolution: int) -> str:
+    if crop == "auto":
+        return "pad" if resolution <= 64 else "resized"
+    return crop
+
+
+def resolve_flip(flip: str, source: str) -> bool:
+    """Whether to flip horizontally: `auto` flips natural images but not digits."""
+    if flip == "auto":
+        return source != "digits"
+    return flip == "horizontal"
+
+
+def crop_and_flip(x: torch.Tensor, crop: str, hflip: bool,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop and flip of a float batch, as one affine resampling.
+
+    `resized` is torchvision's RandomResizedCrop (area 0.25-1, aspect 3/4-4/3); `pad` shifts
+    by whole pixels up to 1/8 of the side, filling with the mean colour, like the classic
+    pad-4-and-crop for CIFAR. Whole-pixel shifts and flips sample exact pixel centres, so
+    they do not blur.
+    """
+    n, _, h, w = x.shape
+    if crop == "none" and not hflip:
+        return x
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, device=x.device, generator=generator) * (high - low) + low
+
+    flip = torch.ones(n, device=x.device)
+    if hflip:
+        flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    if crop == "none":
+        return torch.where(flip.view(n, 1, 1, 1) < 0, x.flip(3), x)
+    if crop == "resized":
+        area = uniform(RESIZED_CROP_MIN_AREA, 1.0)
+        ratio = torch.exp(uniform(*(math.log(r) for r in RESIZED_CROP_RATIO)))
+        scale_x = torch.sqrt(area * ratio).clamp(max=1.0)
+        scale_y = torch.sqrt(area / ratio).clamp(max=1.0)
+        shift_x = uniform(-1, 1) * (1 - scale_x)
+        shift_y = uniform(-1, 1) * (1 - scale_y)
+    else:
+        pad = max(1, h // 8)
+        scale_x = scale_y = torch.ones(n, device=x.device)
+        shift_x = torch.randint(-pad, pad + 1, (n,), device=x.device, generator=generator) * 2 / w
+        shift_y = torch.randint(-pad, pad + 1, (n,), device=x.device, generator=generator) * 2 / h
+    zeros = torch.zeros(n, device=x.device)
+    theta = torch.stack([torch.stack([scale_x * flip, zeros, shift_x], 1),
+                         torch.stack([zeros, scale_y, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    """One-hot targets with label smoothing; every row sums to one."""
+    off = smoothing / num_classes
+    targets = torch.full((len(labels), num_classes), off, device=labels.device)
+    return targets.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)
+
+
+def mix(x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha: float,
+        mix_prob: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a batch with its reverse (one lambda per batch, as timm does).
+
+    With both alphas > 0 each mixed batch picks one of the two with equal chance. The
+    targets are mixed with the lambda of the pixels actually pasted, so they sum to one.
+    """
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or rng.random() >= mix_prob:
+        return x, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix
+                else rng.beta(mixup_alpha, mixup_alpha))
+    partner = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        cut_h, cut_w = round(h * cut), round(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = x * lam + partner * (1 - lam)
+    return x, targets * lam + targets.flip(0) * (1 - lam)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

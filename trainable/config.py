@@ -1,0 +1,239 @@
+"""`TrainConfig`: every hyperparameter of one training run, with its default and allowed range.
+
+It is the single source of truth for the CLI flags (`search.cli`), the search-space files
+(`spaces`), best.yaml and the config.yaml written next to every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+import yaml
+
+from trainable.errors import UserError
+
+
+def _field(default: Any, help: str, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Any:
+    """A dataclass field carrying its help text and numeric range for validation and the CLI."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # Data: these define the decoded images, so a search fixes them for all its trials.
+    data: str = _field("digits", "digits | cifar10[:ROOT] | cifar100[:ROOT] | imagefolder:PATH")
+    resolution: int = _field(32, "side length in pixels the images are decoded to", 8, 1024)
+    val_fraction: float = _field(0.1, "share of the training images held out for validation "
+                                 "when the source has no val split", 0.0, 1.0, True, True)
+    # Model.
+    weights: str = _field("imagenet", "imagenet (torchvision's download and cache) | none | "
+                          "PATH to a ResNet18 state-dict file")
+    stem: Literal["imagenet", "cifar"] = _field(
+        "imagenet", "imagenet: 7x7 conv + max-pool; cifar: 3x3 conv, no max-pool (for ~32px images)")
+    unfreeze_depth: int = _field(5, "stages trained, counted from the head: 0 = fc only, "
+                                 "1 = +layer4, ..., 4 = +layer1, 5 = +stem", 0, 5)
+    # Optimisation.
+    optimizer: Literal["sgd", "adamw"] = _field("sgd", "sgd (with momentum) | adamw")
+    lr: float = _field(0.05, "peak learning rate of the head (fc)", 0.0, 10.0, low_open=True)
+    layer_decay: float = _field(1.0, "stage k from the head trains at lr * layer_decay**k",
+                                0.0, 1.0, low_open=True)
+    momentum: float = _field(0.9, "SGD momentum; AdamW's beta1", 0.0, 1.0, high_open=True)
+    nesterov: bool = _field(True, "Nesterov momentum (SGD only)")
+    weight_decay: float = _field(5e-5, "decoupled for AdamW, L2 for SGD; never on norm weights "
+                                 "or biases", 0.0, 1.0)
+    warmup_epochs: float = _field(1.0, "linear warmup per step, fractions allowed", 0.0, 1000.0)
+    min_lr: float = _field(0.0, "learning rate of the head at the end of the cosine decay",
+                           0.0, 10.0)
+    epochs: int = _field(10, "training epochs", 1, 100_000)
+    batch_size: int = _field(64, "images per step (per micro-batch with accumulation)", 1, 65_536)
+    accumulate_steps: int = _field(1, "micro-batches per optimizer step", 1, 1024)
+    early_stop_patience: int = _field(0, "stop after this many epochs without a better val_acc "
+                                      "(0 = off)", 0, 100_000)
+    # Regularisation and augmentation.
+    label_smoothing: float = _field(0.1, "label smoothing of the soft targets", 0.0, 1.0,
+                                    high_open=True)
+    mixup_alpha: float = _field(0.0, "Beta(alpha, alpha) of mixup (0 = off)", 0.0, 100.0)
+    cutmix_alpha: float = _field(0.0, "Beta(alpha, alpha) of CutMix (0 = off)", 0.0, 100.0)
+    mix_prob: float = _field(1.0, "probability that a batch is mixed when an alpha is > 0",
+                             0.0, 1.0)
+    crop: Literal["auto", "resized", "pad", "none"] = _field(
+        "auto", "random crop: resized (scale 0.25-1), pad (shift by up to 1/8 of the side), "
+        "none; auto = pad up to 64px, else resized")
+    flip: Literal["auto", "horizontal", "none"] = _field(
+        "auto", "random horizontal flip; auto = horizontal except for digits, whose meaning a "
+        "mirror changes")
+    # Execution.
+    amp: Literal["auto", "bf16", "fp16", "off"] = _field(
+        "auto", "mixed precision; auto = bf16 on CUDA, off on the CPU (bf16 is far slower than "
+        "fp32 on CPUs without bf16 units)")
+    channels_last: bool = _field(True, "NHWC memory format on CUDA")
+    compile: bool = _field(False, "torch.compile the model (pays off only on long runs)")
+    seed: int = _field(0, "seed of initialisation, batch order and augmentation", 0, 2**31 - 1)
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _cast(f.name, getattr(self, f.name), hints[f.name]))
+            _check_range(f.name, getattr(self, f.name))
+        if not self.data.strip():
+            raise UserError("config key 'data': must not be empty; use digits, cifar10[:ROOT], "
+                            "cifar100[:ROOT] or imagefolder:PATH")
+        if self.min_lr > self.lr:
+            raise UserError(f"config key 'min_lr': must be <= lr ({self.lr}), got {self.min_lr}")
+        if self.warmup_epochs > self.epochs:
+            raise UserError(f"config key 'warmup_epochs': must be <= epochs ({self.epochs}), "
+                            f"got {self.warmup_epochs}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str | None = None) -> TrainConfig:
+        """Build from a plain dict (YAML, a Tune sample, CLI flags); unknown keys are errors.
+
+        `source` (a file name, "flags") prefixes error messages.
+        """
+        try:
+            unknown = sorted(set(values) - set(field_names()))
+            if unknown:
+                raise UserError(unknown_key_message(unknown[0]))
+            return cls(**values)
+        except UserError as e:
+            raise UserError(f"{source}: {e}" if source else str(e)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_yaml_mapping(path), source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def field_type(name: str) -> Any:
+    """The Python type of a field: int, float, bool, str or a Literal of its choices."""
+    return get_type_hints(TrainConfig)[name]
+
+
+def field_choices(name: str) -> tuple[str, ...] | None:
+    tp = field_type(name)
+    return get_args(tp) if getattr(tp, "__origin__", None) is Literal else None
+
+
+def unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(field_names())}"
+    return f"unknown key '{key}'{hint}"
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold one mapping, with a one-line error for anything else."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"{path}: not valid YAML{line}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: must be a mapping of key: value, got {type(values).__name__}")
+    return values
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _cast(key: str, value: Any, tp: Any) -> Any:
+    """Cast YAML/CLI scalars (and numpy scalars from samplers) to the field's type."""
+    choices = get_args(tp) if getattr(tp, "__origin__", None) is Literal else None
+    if choices is not None:
+        if value not in choices:
+            raise UserError(f"config key '{key}': must be one of {', '.join(choices)}, "
+                            f"got {value!r}")
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, str) else value
+            if float(number) != int(number):
+                raise ValueError
+            return int(number)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if tp is str:
+            if not isinstance(value, str | Path):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "true or false", int: "an integer", float: "a finite number",
+                str: "a string"}[tp]
+        raise UserError(f"config key '{key}': must be {kind}, got {value!r}") from None
+    raise TypeError(f"unsupported field type {tp} for {key}")
+
+
+def _check_range(name: str, value: Any) -> None:
+    bounds = field_range(name)
+    if bounds is None:
+        return
+    low, high, low_open, high_open = bounds
+    low_ok = value > low if low_open else value >= low
+    high_ok = value < high if high_open else value <= high
+    if not (low_ok and high_ok):
+        raise UserError(f"config key '{name}': must be in {range_text(name)}, got {value}")
+
+
+def _metadata(name: str) -> Any:
+    return next(f for f in dataclasses.fields(TrainConfig) if f.name == name).metadata
+
+
+def field_help(name: str) -> str:
+    return str(_metadata(name)["help"])
+
+
+def field_range(name: str) -> tuple[float, float, bool, bool] | None:
+    """(low, high, low_open, high_open) of a numeric field, or None."""
+    meta = _metadata(name)
+    if meta.get("low") is None:
+        return None
+    return meta["low"], meta["high"], meta["low_open"], meta["high_open"]
+
+
+def range_text(name: str) -> str:
+    """The allowed interval of a numeric field, e.g. '(0, 10]'."""
+    bounds = field_range(name)
+    if bounds is None:
+        return "any value"
+    low, high, low_open, high_open = bounds
+    return f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"

@@ -1,0 +1,239 @@
+"""`fit`: the one training function that the search, `resnet-hpo train`, the tests and the
+benchmarks all call. It knows nothing of Ray: the Tune adapter passes a `report` callback."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainable.augment import (
+    crop_and_flip,
+    mix,
+    normalize,
+    resolve_crop,
+    resolve_flip,
+    soft_cross_entropy,
+    soft_targets,
+)
+from trainable.config import TrainConfig
+from trainable.data import Dataset, Split, load_dataset
+from trainable.errors import UserError
+from trainable.model import build_model, build_optimizer, set_train_mode
+from trainable.schedule import lr_factor
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+# A split up to this size lives on the GPU as uint8; larger ones are gathered per batch on
+# the host and copied asynchronously from pinned memory.
+DEVICE_RESIDENT_MAX_BYTES = 2 * 2**30
+NAN_CHECK_EVERY = 50  # steps between the only host syncs of an epoch
+
+SaveCheckpoint = Callable[[Path], None]
+Report = Callable[[dict[str, float], SaveCheckpoint], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; retrying the same config will not help."""
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # with the weights of the best epoch
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = 0.0
+
+
+@dataclass
+class Runtime:
+    """How a run executes, derived from the config and the device; not hyperparameters."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, device: str | torch.device | None = None) -> Runtime:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.amp == "fp16" and dev.type != "cuda":
+            raise UserError("config key 'amp': fp16 needs CUDA; use bf16 or off on the CPU")
+        amp = {"auto": "bf16" if dev.type == "cuda" else "off"}.get(cfg.amp, cfg.amp)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+        return cls(dev, dtype, cfg.channels_last and dev.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 batch on the device -> normalised float input in the model's memory format."""
+        x = normalize(images_uint8)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class DeviceImages:
+    """A split's uint8 images, indexable by a batch of indices, landing on the device."""
+
+    def __init__(self, split: Split, device: torch.device):
+        with warnings.catch_warnings():  # arrays shared by Ray are read-only; we never write
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            images = torch.from_numpy(split.images)
+            self.labels = torch.from_numpy(split.labels).to(device)
+        resident = device.type == "cpu" or images.nbytes <= DEVICE_RESIDENT_MAX_BYTES
+        self.images = images.to(device) if resident else images
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = idx.to(self.images.device, non_blocking=True)
+        images = self.images[idx]
+        if images.device != self.device:
+            images = images.pin_memory().to(self.device, non_blocking=True)
+        return images, self.labels[idx.to(self.device, non_blocking=True)]
+
+
+def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None = None,
+        device: str | torch.device | None = None, resume_from: Path | None = None) -> FitResult:
+    """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch."""
+    rt = Runtime.for_config(cfg, device)
+    if data is None:
+        data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    elif data.resolution != cfg.resolution:
+        raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
+                        f"the config asks for {cfg.resolution}px")
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.num_classes).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
+    train, val = DeviceImages(data.train, rt.device), DeviceImages(data.val, rt.device)
+    result = FitResult(model)
+    best_state = copy.deepcopy(model.state_dict())
+    start_epoch = 0
+    if resume_from is not None:
+        state = torch.load(Path(resume_from) / CHECKPOINT_FILE, map_location=rt.device,
+                           weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        best_state = state["best_model"]
+        start_epoch, result.best_epoch, result.best_val_acc = (
+            state["epoch"], state["best_epoch"], state["best_val_acc"])
+
+    def save_checkpoint(directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "best_model": best_state,
+                    "epoch": epoch + 1, "best_epoch": result.best_epoch,
+                    "best_val_acc": result.best_val_acc, "class_names": data.class_names},
+                   directory / CHECKPOINT_FILE)
+        cfg.to_yaml(directory / CONFIG_FILE)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        start = time.perf_counter()
+        train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train, cfg,
+                                                       rt, epoch, data)
+        val_loss, val_acc = evaluate(forward, val, rt, 2 * cfg.batch_size)
+        if val_acc > result.best_val_acc or epoch == 0:
+            result.best_epoch, result.best_val_acc = epoch + 1, val_acc
+            best_state = copy.deepcopy(model.state_dict())
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
+                   "epoch_time_s": time.perf_counter() - start}
+        result.history.append(metrics)
+        if report is not None:
+            report(metrics, save_checkpoint)
+        patience = cfg.early_stop_patience
+        if patience and epoch + 1 - result.best_epoch >= patience:
+            break
+    model.load_state_dict(best_state)
+    return result
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, images: DeviceImages, cfg: TrainConfig,
+                    rt: Runtime, epoch: int, data: Dataset) -> tuple[float, float, float]:
+    """One pass over the training split; returns (mean loss, last head lr, images/s)."""
+    set_train_mode(model, True)
+    # Batch order, crops and mixing derive from (seed, epoch) alone, so a run resumed from
+    # a checkpoint continues exactly as it would have.
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
+        cfg.seed * 100_003 + epoch))
+    device_gen = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch)
+    mix_rng = np.random.default_rng([cfg.seed, epoch])
+    batch_size = min(cfg.batch_size, len(images))
+    micro_batches = len(images) // batch_size  # the ragged last batch is dropped
+    steps = math.ceil(micro_batches / cfg.accumulate_steps)
+    warmup_steps = round(cfg.warmup_epochs * steps)
+    crop = resolve_crop(cfg.crop, data.resolution)
+    hflip = resolve_flip(cfg.flip, data.source)
+    loss_sum = torch.zeros((), device=rt.device)
+    factor = 1.0
+    start = time.perf_counter()
+    for i in range(micro_batches):
+        step, micro = divmod(i, cfg.accumulate_steps)
+        if micro == 0:
+            factor = lr_factor(epoch * steps + step, warmup_steps, cfg.epochs * steps,
+                               cfg.min_lr / cfg.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * group["lr_scale"] * factor
+        uint8, labels = images.batch(order[i * batch_size:(i + 1) * batch_size])
+        x = crop_and_flip(rt.prepare(uint8), crop, hflip, device_gen)
+        x, targets = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
+                         cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
+        with rt.autocast():
+            loss = soft_cross_entropy(model(x), targets)
+        accumulate = min(cfg.accumulate_steps, micro_batches - step * cfg.accumulate_steps)
+        scaler.scale(loss / accumulate).backward()
+        loss_sum += loss.detach()
+        if micro == accumulate - 1:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == micro_batches:
+            mean_loss = loss_sum.item() / (i + 1)
+            if not math.isfinite(mean_loss):
+                raise TrainingDiverged(f"training loss became {mean_loss} in epoch {epoch + 1} "
+                                       f"(lr {cfg.lr * factor:.3g}); lower lr or use amp bf16")
+    elapsed = time.perf_counter() - start  # the .item() above waited for the device
+    return loss_sum.item() / micro_batches, cfg.lr * factor, micro_batches * batch_size / elapsed
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: DeviceImages, rt: Runtime,
+                   batch_size: int) -> torch.Tensor:
+    """float32 logits (N, classes) on the device, in the split's order, never augmented."""
+    set_train_mode(model, False)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        uint8, _ = images.batch(torch.arange(start, min(start + batch_size, len(images))))
+        with rt.autocast():
+            outputs.append(model(rt.prepare(uint8)).float())
+    return torch.cat(outputs)
+
+
+def evaluate(model: nn.Module, images: DeviceImages, rt: Runtime,
+             batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a split."""
+    logits = predict_logits(model, images, rt, batch_size)
+    loss = F.cross_entropy(logits, images.labels)
+    correct = (logits.argmax(1) == images.labels).sum()
+    return loss.item(), correct.item() / len(images)
