@@ -1,0 +1,129 @@
+"""The run directory of a search (STORAGE/NAME, local or any pyarrow filesystem URI).
+
+    trials.parquet   one row per trial (see TRIAL_COLUMNS), replaced atomically as trials report
+    epochs.parquet   one row per reported epoch (see EPOCH_COLUMNS)
+    search.json      how the search was started: space text, sampler, seed, versions, command
+    tensorboard/     one sub-directory per trial: scalars and HParams
+    plots/           PNGs written by `resnet-hpo results`
+    best.yaml        the best trial's full TrainConfig, written by `resnet-hpo best`
+    ensemble.json    the last ensemble evaluated by `resnet-hpo ensemble`
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from trainable.errors import UserError
+
+TRIALS_FILE = "trials.parquet"
+EPOCHS_FILE = "epochs.parquet"
+SEARCH_FILE = "search.json"
+BEST_FILE = "best.yaml"
+ENSEMBLE_FILE = "ensemble.json"
+TENSORBOARD_DIR = "tensorboard"
+PLOTS_DIR = "plots"
+
+# trials.parquet: these, then every TrainConfig key as its own typed column. best_* are the
+# values at best_epoch, the epoch with the best search metric (not the last epoch).
+TRIAL_COLUMNS = {
+    "trial_id": pa.string(),
+    "status": pa.string(),  # PENDING | RUNNING | TERMINATED | ERROR
+    "error": pa.string(),  # one-line reason when status is ERROR
+    "best_metric": pa.float64(),  # the search metric (search.json "metric") at best_epoch
+    "best_epoch": pa.int64(),
+    "best_val_acc": pa.float64(),
+    "best_val_loss": pa.float64(),
+    "last_val_acc": pa.float64(),
+    "epochs_run": pa.int64(),
+    "stopped_early": pa.bool_(),  # ended before its epoch budget without an error (ASHA)
+    "wall_time_s": pa.float64(),
+    "gpu_fraction": pa.float64(),
+    "gpu_hours": pa.float64(),  # wall time x GPU share
+    "cpu_count": pa.float64(),
+    "node_id": pa.string(),
+    "checkpoint_path": pa.string(),  # directory with checkpoint.pt + config.yaml of best_epoch
+}
+# epochs.parquet: trial_id, node_id, start_time and end_time (UNIX seconds), then every
+# metric that trainable.fit reports (epoch, train_loss, val_loss, val_acc, lr, ...).
+EPOCH_KEY_COLUMNS = {"trial_id": pa.string(), "node_id": pa.string(),
+                     "start_time": pa.float64(), "end_time": pa.float64()}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory on a local disk or behind a pyarrow filesystem (s3://, gs://, ...)."""
+    fs: pafs.FileSystem
+    path: str  # inside fs
+    uri: str  # as the user wrote it
+
+    @classmethod
+    def open(cls, uri: str | Path) -> RunDir:
+        text = str(uri)
+        if "://" in text:
+            try:
+                fs, path = pafs.FileSystem.from_uri(text)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise UserError(f"{text}: cannot open storage ({e})") from None
+        else:
+            fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
+        return cls(fs, path.rstrip("/"), text.rstrip("/"))
+
+    def join(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def uri_of(self, *parts: str) -> str:
+        return posixpath.join(self.uri, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
+
+    def local_path(self, *parts: str) -> Path | None:
+        """A local path when the run directory is on this machine's disk."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return Path(self.join(*parts))
+        return None
+
+    def require(self, name: str) -> None:
+        if not self.exists(name):
+            raise UserError(f"{self.uri}: no {name} here; is this the run directory of a "
+                            "search (STORAGE/NAME)?")
+
+    def read_table(self, name: str) -> pa.Table:
+        self.require(name)
+        with self.fs.open_input_file(self.join(name)) as f:
+            return pq.read_table(f)
+
+    def write_table(self, name: str, table: pa.Table, metadata: dict[str, str] | None = None
+                    ) -> None:
+        """Write next to the target, then rename: readers never see a half-written file."""
+        if metadata:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+        self.fs.create_dir(self.path, recursive=True)
+        tmp = self.join(f".{name}.{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f)
+        self.fs.move(tmp, self.join(name))
+
+    def read_json(self, name: str) -> dict[str, Any]:
+        self.require(name)
+        with self.fs.open_input_stream(self.join(name)) as f:
+            return dict(json.loads(f.read().decode()))
+
+    def write_text(self, name: str, text: str) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+        tmp = self.join(f".{name}.{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(text.encode())
+        self.fs.move(tmp, self.join(name))
+
+    def write_json(self, name: str, values: dict[str, Any]) -> None:
+        self.write_text(name, json.dumps(values, indent=2, default=str) + "\n")
