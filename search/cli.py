@@ -8,21 +8,25 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from search import best, report
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
 
 Command = Callable[[argparse.Namespace], None]
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, title: str = "hyperparameters (override "
+                     "--config)", exclude: tuple[str, ...] = ()) -> None:
     """One flag per TrainConfig field (`--unfreeze-depth` or `--unfreeze_depth`).
 
     Values stay strings here: TrainConfig casts and validates them, so a bad value gets the
     same message from a flag, a YAML file or a search space.
     """
-    group = parser.add_argument_group("hyperparameters (override --config)")
+    group = parser.add_argument_group(title)
     defaults = TrainConfig()
     for name in field_names():
+        if name in exclude:
+            continue
         flags = [f"--{name.replace('_', '-')}"] + ([f"--{name}"] if "_" in name else [])
         choices = field_choices(name)
         help_text = f"{field_help(name)} (default: {getattr(defaults, name)})"
@@ -46,6 +50,52 @@ def _train(args: argparse.Namespace) -> None:
                   device=args.device)
 
 
+def _search(args: argparse.Namespace) -> None:
+    from search.driver import request_from_args, resume_request, run_search
+
+    if args.resume:
+        run_search(resume_request(args), resume=True)
+    else:
+        if not args.space:
+            raise UserError("--space is required: a shipped space (quick, default, cifar10) "
+                            "or a YAML file")
+        fixed = config_overrides(args) | ({"seed": args.seed} if args.seed is not None else {})
+        run_search(request_from_args(args, fixed), resume=False)
+
+
+def add_search_parser(commands: Any) -> None:
+    search = commands.add_parser(
+        "search", help="search hyperparameters with Ray Tune, Optuna and ASHA",
+        description="Run a hyperparameter search; results go to STORAGE/NAME (trials.parquet, "
+                    "epochs.parquet, tensorboard/). Flags override the space file.")
+    search.add_argument("--space", help="shipped space name (quick, default, cifar10) or a "
+                                        "YAML file")
+    search.add_argument("--trials", type=int, default=16, help="number of trials (default 16)")
+    search.add_argument("--sampler", help="tpe | cmaes | random | qmc | gp (Optuna, seeded)")
+    search.add_argument("--scheduler", help="asha | fifo")
+    search.add_argument("--max-epochs", type=int, help="epochs per trial; ASHA's max_t")
+    search.add_argument("--gpus-per-trial", type=float,
+                        help="GPU share of a trial, e.g. 0.25 = four trials per GPU")
+    search.add_argument("--cpus-per-trial", type=float, help="CPUs reserved per trial")
+    search.add_argument("--max-concurrent", type=int,
+                        help="trials at once (default: as many as the cluster fits)")
+    search.add_argument("--max-failures", type=int, default=2,
+                        help="retries of a trial that crashed or lost its node (default 2)")
+    search.add_argument("--storage", default="runs",
+                        help="local directory or URI (s3://bucket/runs) (default: runs)")
+    search.add_argument("--name", help="run name; the run directory is STORAGE/NAME "
+                                       "(default: search-TIME)")
+    search.add_argument("--address", help="join a running Ray cluster (auto, or host:port); "
+                                          "default: start a local Ray")
+    search.add_argument("--seed", type=int, help="seed of the sampler and of every trial's "
+                                                 "training (default: sampler 0, trials the space's)")
+    search.add_argument("--resume", action="store_true",
+                        help="continue the interrupted search STORAGE/NAME")
+    add_config_flags(search, "fixed hyperparameters (override the space file)",
+                     exclude=("epochs", "seed"))
+    search.set_defaults(run=_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-hpo",
@@ -62,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     add_config_flags(train)
     train.set_defaults(run=_train)
+    add_search_parser(commands)
+    report.add_parser(commands)
+    best.add_parser(commands)
     return parser
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 
 from trainable.config import (
     TrainConfig,
@@ -145,8 +146,18 @@ def resolve_space_path(name_or_path: str) -> Path:
 
 def load_space(name_or_path: str) -> SearchSpace:
     path = resolve_space_path(name_or_path)
-    values = read_yaml_mapping(path)
-    src = str(path)
+    read_yaml_mapping(path)  # one clear line for a missing or unreadable file
+    return parse_space(path.read_text(), str(path))
+
+
+def parse_space(text: str, src: str) -> SearchSpace:
+    """A space from its YAML text (e.g. the copy in a run's search.json); `src` names it."""
+    try:
+        values = _mapping(src, "the file", yaml.safe_load(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{src}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}"
+                        ) from None
     for key in values:
         if key not in TOP_KEYS:
             raise UserError(f"{src}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
@@ -164,8 +175,8 @@ def load_space(name_or_path: str) -> SearchSpace:
         if param.name in fixed:
             raise UserError(f"{src}: key 'search.{param.name}' is also in 'fixed'; keep one")
     resources = _typed_mapping(src, "resources", values.get("resources", {}), RESOURCE_KEYS)
-    return SearchSpace(src, path.read_text(), metric, mode, sampler, scheduler, fixed,
-                       tuple(params), resources)
+    return SearchSpace(src, text, metric, mode, sampler, scheduler, fixed, tuple(params),
+                       resources)
 
 
 def _mapping(src: str, key: str, value: Any) -> dict[str, Any]:
@@ -188,11 +199,11 @@ def _typed_mapping(src: str, key: str, value: Any, types: dict[str, type]) -> di
             raise UserError(f"{src}: unknown key '{key}.{name}'; allowed: {', '.join(types)}")
         try:
             number = types[name](item)
-            if isinstance(item, bool) or (types[name] is not str and number <= 0):
+            if isinstance(item, bool) or (types[name] is not str and number < 0):
                 raise ValueError
         except (TypeError, ValueError):
-            raise UserError(f"{src}: key '{key}.{name}' must be a positive "
-                            f"{types[name].__name__}, got {item!r}") from None
+            kind = {str: "a string", int: "an integer >= 0", float: "a number >= 0"}[types[name]]
+            raise UserError(f"{src}: key '{key}.{name}' must be {kind}, got {item!r}") from None
         out[name] = number
     return out
 
@@ -201,6 +212,10 @@ def _scheduler(src: str, values: dict[str, Any]) -> Scheduler:
     values = _typed_mapping(src, "scheduler", values, SCHEDULER_KEYS)
     scheduler = Scheduler(**values)
     _check_choice(src, "scheduler.name", scheduler.name, SCHEDULERS)
+    for name in ("max_epochs", "grace_period"):
+        if getattr(scheduler, name) < 1:
+            raise UserError(f"{src}: key 'scheduler.{name}' must be >= 1, "
+                            f"got {getattr(scheduler, name)}")
     if scheduler.reduction_factor <= 1:
         raise UserError(f"{src}: key 'scheduler.reduction_factor' must be > 1, "
                         f"got {scheduler.reduction_factor}")

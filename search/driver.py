@@ -1,0 +1,317 @@
+"""`resnet-hpo search`: a space file becomes an OptunaSearch + ASHA run on Ray Tune.
+
+Everything the user gave is checked (space, data, resources, run name) before a trial
+starts; the dataset is decoded once here and shared with every trial through Ray's
+object store.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+import os
+import re
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir
+from spaces import DefineByRun, SearchSpace, load_space, parse_space
+from trainable.data import Dataset, load_dataset
+from trainable.errors import UserError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """What `resnet-hpo search` was asked for, after the space file and the flags."""
+    space: SearchSpace
+    trials: int
+    name: str
+    storage: str
+    gpus_per_trial: float
+    cpus_per_trial: float
+    max_concurrent: int | None
+    max_failures: int
+    address: str | None
+    seed: int
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (no '/'), "
+                        "so the run stays inside the storage directory")
+    return name
+
+
+def resolve_storage(storage: str) -> str:
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def make_sampler(name: str, seed: int) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    if name == "tpe":  # constant_liar keeps parallel trials from sampling the same point
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                          constant_liar=True)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_scheduler(space: SearchSpace, objective: str) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = space.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", metric=objective, mode=space.mode,
+                         max_t=s.max_epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def start_ray(address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # ours write the results
+    if ray.is_initialized():
+        return
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=False, logging_level="ERROR")
+    except ConnectionError as e:
+        raise UserError(f"--address {address}: cannot join the Ray cluster ({e}); start it "
+                        "with `ray start --head` or `ray up cluster.yaml`") from None
+
+
+def node_capacity() -> list[dict[str, float]]:
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """Resources of the worker types a `ray up` cluster can still start, if any."""
+    if not AUTOSCALER_CONFIG.exists():
+        return []
+    import yaml
+
+    config = yaml.safe_load(AUTOSCALER_CONFIG.read_text()) or {}
+    return [spec.get("resources", {}) for spec in config.get("available_node_types", {}).values()
+            if spec.get("max_workers", 0) > 0]
+
+
+def trials_that_fit(node: dict[str, float], cpus: float, gpus: float) -> int:
+    limits = [math.floor(node.get("CPU", 0) / cpus + 1e-9)] if cpus else []
+    if gpus:
+        limits.append(math.floor(node.get("GPU", 0) / gpus + 1e-9))
+    return min(limits) if limits else 1
+
+
+def check_resources(request: SearchRequest) -> int:
+    """Trials that can run at once now; one clear line when a trial fits on no node."""
+    cpus, gpus = request.cpus_per_trial, request.gpus_per_trial
+    if gpus > 1 and gpus != int(gpus):
+        raise UserError(f"--gpus-per-trial {gpus:g}: use a fraction <= 1 or a whole number")
+    nodes = node_capacity()
+    fits = sum(trials_that_fit(node, cpus, gpus) for node in nodes)
+    if fits:
+        return fits
+    if any(trials_that_fit(node, cpus, gpus) for node in autoscaler_node_types()):
+        print("no node fits a trial yet; the autoscaler will start one", flush=True)
+        return request.trials
+    total_cpu = sum(node.get("CPU", 0) for node in nodes)
+    total_gpu = sum(node.get("GPU", 0) for node in nodes)
+    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise UserError(
+        f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: no node of the Ray cluster "
+        f"has that much ({len(nodes)} node(s), {total_cpu:g} CPUs and {total_gpu:g} GPUs in "
+        f"all; the largest has {largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} "
+        "GPUs); lower the request" + (" or use --gpus-per-trial 0" if not total_gpu else ""))
+
+
+def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
+    versions = {}
+    for package in ("resnet-hpo", "torch", "torchvision", "ray", "optuna", "pyarrow"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    space = request.space
+    return {"name": request.name, "metric": space.metric, "mode": space.mode,
+            "sampler": space.sampler, "scheduler": asdict(space.scheduler),
+            "seed": request.seed, "trials": request.trials, "space_file": space.source,
+            "space_text": space.text, "fixed": space.fixed,
+            "searched": [p.name for p in space.params], "data": data.source,
+            "resolution": data.resolution, "val_fraction": space.config({}).val_fraction,
+            "gpus_per_trial": request.gpus_per_trial, "cpus_per_trial": request.cpus_per_trial,
+            "command": shlex.join(["resnet-hpo", *sys.argv[1:]]), "versions": versions,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def build_trainable(request: SearchRequest, data: Dataset) -> Any:
+    from ray import tune
+
+    from trainable.tune_adapter import train_trial
+
+    space = request.space
+    return tune.with_resources(
+        tune.with_parameters(train_trial, data=data, metric=space.metric, mode=space.mode),
+        {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
+
+
+def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.progress import ProgressPrinter
+    from search.results_writer import ResultsWriter
+    from search.tensorboard_writer import TensorBoardWriter
+    from trainable.tune_adapter import objective_name
+
+    space = request.space
+    objective = objective_name(space.metric)
+    searcher = OptunaSearch(space=DefineByRun(space), metric=objective, mode=space.mode,
+                            sampler=make_sampler(space.sampler, request.seed))
+    callbacks = [
+        ResultsWriter(request.run_uri, space.metric, space.mode, request.gpus_per_trial,
+                      request.cpus_per_trial),
+        TensorBoardWriter(request.run_uri, space.metric),
+        ProgressPrinter(space.metric, [p.name for p in space.params], request.trials),
+    ]
+    return tune.Tuner(
+        build_trainable(request, data),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher, scheduler=make_scheduler(space, objective), num_samples=request.trials,
+            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=request.name, storage_path=request.storage, callbacks=callbacks, verbose=0,
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=space.metric,
+                checkpoint_score_order=space.mode),
+            failure_config=tune.FailureConfig(max_failures=request.max_failures)))
+
+
+def run_search(request: SearchRequest, resume: bool) -> None:
+    run = RunDir.open(request.run_uri)
+    if not resume and (run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE)):
+        raise UserError(f"--name {request.name}: {run.uri} already holds a search; add --resume "
+                        "to continue it, or choose another --name")
+    cfg = request.space.config({})
+    data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    print(data.summary(), flush=True)
+    start_ray(request.address)
+    concurrent = request.max_concurrent or check_resources(request)
+    if request.max_concurrent:
+        check_resources(request)
+    # With a search algorithm Tune keeps one trial pending unless told otherwise, so
+    # fractional-GPU trials would start one after another instead of side by side.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(concurrent, 1))
+    from ray import tune
+
+    if resume:
+        if not tune.Tuner.can_restore(run.uri):
+            raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
+        tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
+                                   resume_unfinished=True, resume_errored=True)
+        print(f"resuming {run.uri}", flush=True)
+    else:
+        run.write_json(SEARCH_FILE, search_metadata(request, data))
+        tuner = build_tuner(request, data, concurrent)
+        print(f"search {request.name}: {request.trials} trials, sampler "
+              f"{request.space.sampler}, scheduler {request.space.scheduler.name}, "
+              f"{concurrent} at a time; results in {run.uri}", flush=True)
+    tuner.fit()
+    print_summary(run)
+
+
+def print_summary(run: RunDir) -> None:
+    meta = run.read_json(SEARCH_FILE)
+    rows = run.read_table(TRIALS_FILE).to_pylist() if run.exists(TRIALS_FILE) else []
+    done = [r for r in rows if r["status"] == "TERMINATED" and r["best_metric"] is not None]
+    failed = [r for r in rows if r["status"] == "ERROR"]
+    early = [r for r in done if r["stopped_early"]]
+    gpu_hours = sum(r["gpu_hours"] or 0.0 for r in rows)
+    print(f"\n{len(rows)} trials: {len(done) - len(early)} ran all epochs, {len(early)} stopped "
+          f"early, {len(failed)} failed; {gpu_hours:.2f} GPU-hours")
+    if not done:
+        raise UserError(f"no trial finished; see the error column of {run.uri_of(TRIALS_FILE)}")
+    sign = 1 if meta["mode"] == "max" else -1
+    best = max(done, key=lambda r: sign * r["best_metric"])
+    print(f"best trial {best['trial_id']}: {meta['metric']} {best['best_metric']:.4f} at "
+          f"epoch {best['best_epoch']} of {best['epochs_run']}")
+    for name in meta["searched"]:
+        value = best[name]
+        print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+    where = shlex.quote(run.uri)
+    print(f"run directory: {run.uri}\nnext: resnet-hpo results {where}; "
+          f"resnet-hpo best {where}")
+
+
+def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
+    space = load_space(args.space)
+    scheduler = {k: v for k, v in (("name", args.scheduler), ("max_epochs", args.max_epochs))
+                 if v is not None}
+    space = space.replace(sampler=args.sampler, scheduler=scheduler, fixed=fixed)
+    resources = space.resources
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        return flag if flag is not None else resources.get(key, default)
+
+    if args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
+        args.cpus_per_trial, "cpus_per_trial", 1.0)
+    if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
+        raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
+                        ">= 0 and one of them > 0")
+    return SearchRequest(
+        space=space, trials=args.trials,
+        name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),
+        storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
+        cpus_per_trial=float(cpus),
+        max_concurrent=pick(args.max_concurrent, "max_concurrent", None),
+        max_failures=args.max_failures, address=args.address, seed=args.seed or 0)
+
+
+def resume_request(args: Any) -> SearchRequest:
+    """The request a search was started with, from its search.json; flags cannot change it
+    (Tune restores the trainable, the sampler and the scheduler as they were)."""
+    if not args.name:
+        raise UserError("--resume needs --name NAME of the search to continue")
+    name, storage = check_name(args.name), resolve_storage(args.storage)
+    run = RunDir.open(f"{storage.rstrip('/')}/{name}")
+    if not run.exists(SEARCH_FILE):
+        raise UserError(f"--resume: there is no search named {name!r} in {storage} "
+                        f"({run.uri} holds no {SEARCH_FILE})")
+    meta = run.read_json(SEARCH_FILE)
+    space = parse_space(meta["space_text"], meta["space_file"]).replace(
+        sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
+    return SearchRequest(space=space, trials=meta["trials"], name=name, storage=storage,
+                         gpus_per_trial=meta["gpus_per_trial"],
+                         cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
+                         max_failures=args.max_failures, address=args.address, seed=meta["seed"])
