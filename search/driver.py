@@ -206,8 +206,9 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
     return tune.Tuner(
         build_trainable(request, data),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=make_scheduler(space, objective), num_samples=request.trials,
-            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            search_alg=searcher, scheduler=make_scheduler(space, objective),
+            num_samples=request.trials, max_concurrent_trials=concurrent,
+            trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=request.name, storage_path=request.storage, callbacks=callbacks, verbose=0,
             checkpoint_config=tune.CheckpointConfig(

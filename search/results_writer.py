@@ -16,26 +16,10 @@ import pyarrow as pa
 from ray import tune
 from ray.tune.experiment import Trial
 
-from search.rundir import EPOCH_KEY_COLUMNS, EPOCHS_FILE, TRIAL_COLUMNS, TRIALS_FILE, RunDir
-from trainable.config import TrainConfig, field_names, field_type
+from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
+from trainable.config import TrainConfig
 
 FLUSH_EVERY_S = 10.0
-EPOCH_METRICS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
-                 "epoch_time_s")
-
-
-def config_columns() -> dict[str, pa.DataType]:
-    arrow = {int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
-    return {name: arrow.get(field_type(name), pa.string()) for name in field_names()}
-
-
-def trials_schema() -> pa.Schema:
-    return pa.schema({**TRIAL_COLUMNS, **config_columns()})
-
-
-def epochs_schema() -> pa.Schema:
-    metrics = {name: pa.int64() if name == "epoch" else pa.float64() for name in EPOCH_METRICS}
-    return pa.schema({**EPOCH_KEY_COLUMNS, **metrics})
 
 
 class ResultsWriter(tune.Callback):

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from trainable.config import field_names, field_type
 from trainable.errors import UserError
 
 TRIALS_FILE = "trials.parquet"
@@ -56,6 +57,23 @@ TRIAL_COLUMNS = {
 # metric that trainable.fit reports (epoch, train_loss, val_loss, val_acc, lr, ...).
 EPOCH_KEY_COLUMNS = {"trial_id": pa.string(), "node_id": pa.string(),
                      "start_time": pa.float64(), "end_time": pa.float64()}
+
+EPOCH_METRICS = ("epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
+                 "epoch_time_s")
+
+
+def config_columns() -> dict[str, pa.DataType]:
+    arrow = {int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+    return {name: arrow.get(field_type(name), pa.string()) for name in field_names()}
+
+
+def trials_schema() -> pa.Schema:
+    return pa.schema({**TRIAL_COLUMNS, **config_columns()})
+
+
+def epochs_schema() -> pa.Schema:
+    metrics = {name: pa.int64() if name == "epoch" else pa.float64() for name in EPOCH_METRICS}
+    return pa.schema({**EPOCH_KEY_COLUMNS, **metrics})
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,7 @@ from ray.tune.experiment import Trial
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from search.results_writer import EPOCH_METRICS
-from search.rundir import TENSORBOARD_DIR, RunDir
+from search.rundir import EPOCH_METRICS, TENSORBOARD_DIR, RunDir
 from trainable.config import TrainConfig
 from trainable.data import cache_dir
 from trainable.tune_adapter import objective_name

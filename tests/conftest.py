@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,4 +76,34 @@ def resnet18_weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
     torch.manual_seed(123)
     torch.save(resnet18().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole test session: 4 CPU slots and one declared GPU (none is
+    there: trials given a GPU share fall back to the CPU), so fractional-GPU packing is
+    testable on a GPU-less machine. `resnet-hpo search` joins it instead of starting one."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def search_space_file(tmp_path: Path, max_epochs: int = 2, grace_period: int = 1,
+                      extra_fixed: str = "") -> Path:
+    """A tiny space for searches in tests: 8px digits, two searched keys."""
+    path = tmp_path / "space.yaml"
+    path.write_text(f"""
+metric: val_acc
+scheduler: {{name: asha, max_epochs: {max_epochs}, grace_period: {grace_period},
+            reduction_factor: 2}}
+resources: {{cpus_per_trial: 1}}
+fixed: {{resolution: 8, weights: none, batch_size: 128{extra_fixed}}}
+search:
+  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
+  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
+""")
     return path

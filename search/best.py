@@ -1,0 +1,148 @@
+"""`resnet-hpo best`: the best trial's config as best.yaml and the command that retrains it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import posixpath
+import shlex
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.rundir import BEST_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
+from trainable.config import TrainConfig, field_names
+from trainable.errors import UserError
+
+Trial = dict[str, Any]  # one row of trials.parquet
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """A run directory with its trials and how the search was started (search.json)."""
+    rundir: RunDir
+    info: dict[str, Any]
+    trials: list[Trial]
+
+    @classmethod
+    def open(cls, uri: str) -> SearchRun:
+        rundir = RunDir.open(uri)
+        info = rundir.read_json(SEARCH_FILE)
+        run = cls(rundir, info, rundir.read_table(TRIALS_FILE).to_pylist())
+        if run.mode not in ("max", "min"):
+            raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'mode' must be max or min, "
+                            f"got {run.mode!r}")
+        return run
+
+    @property
+    def metric(self) -> str:
+        return str(self.info.get("metric", "val_acc"))
+
+    @property
+    def mode(self) -> str:
+        return str(self.info.get("mode", "max"))
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or posixpath.basename(self.rundir.path))
+
+    @cached_property
+    def ranked(self) -> list[Trial]:
+        """Trials that did not fail and reported the metric, best first (at their best epoch)."""
+        scored = [t for t in self.trials if t["status"] != "ERROR" and has_metric(t)]
+        sign = -1.0 if self.mode == "max" else 1.0
+        return sorted(scored, key=lambda t: (sign * t["best_metric"], t["trial_id"]))
+
+
+def has_metric(trial: Trial) -> bool:
+    value = trial.get("best_metric")
+    return value is not None and not math.isnan(value) and trial.get("best_epoch") is not None
+
+
+def trial_config(trial: Trial, source: str) -> TrainConfig:
+    """The trial's full TrainConfig from its config columns (defaults for columns it lacks)."""
+    values = {k: trial[k] for k in field_names() if trial.get(k) is not None}
+    return TrainConfig.from_dict(values, source=f"{source} trial {trial['trial_id']}")
+
+
+def retrain_epochs(trial: Trial, cfg: TrainConfig) -> int:
+    """The epoch at which the trial was best; never shorter than its warmup, which
+    TrainConfig requires to fit in the epochs."""
+    return max(int(trial["best_epoch"]), math.ceil(cfg.warmup_epochs))
+
+
+def write_best_config(run: SearchRun, cfg: TrainConfig, output: str | None) -> str:
+    """Write best.yaml and return the path that `resnet-hpo train --config` can read here."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    if output is not None:
+        if "://" in output:
+            raise UserError(f"--output {output}: must be a local file path, since "
+                            "`resnet-hpo train --config` reads a local file")
+        try:
+            Path(output).write_text(text)
+        except OSError as e:
+            raise UserError(f"--output {output}: cannot write ({e.strerror or e})") from None
+        return output
+    run.rundir.write_text(BEST_FILE, text)
+    here = path_from_here(run.rundir, BEST_FILE)
+    if here is not None:
+        return here
+    local = f"best-{run.name}.yaml"
+    Path(local).write_text(text)
+    return local
+
+
+def path_from_here(rundir: RunDir, name: str) -> str | None:
+    """RUN/name as the user wrote RUN when it is on this machine (a file:// URI as a path)."""
+    local = rundir.local_path(name)
+    if local is None:
+        return None
+    return str(local) if "://" in rundir.uri else rundir.uri_of(name)
+
+
+def model_dir(run: SearchRun) -> str:
+    return path_from_here(run.rundir, "best-model") or f"best-{run.name}-model"
+
+
+def best_command(run_uri: str, output: str | None) -> None:
+    run = SearchRun.open(run_uri)
+    if not run.ranked:
+        raise UserError(f"{run.rundir.uri_of(TRIALS_FILE)}: no trial has reported "
+                        f"{run.metric} without failing yet; wait for the search or check its "
+                        "errors with `resnet-hpo results`")
+    trial = run.ranked[0]
+    cfg = trial_config(trial, run.rundir.uri_of(TRIALS_FILE))
+    config_path = write_best_config(run, cfg, output)
+    epochs = retrain_epochs(trial, cfg)
+    print(f"best trial {trial['trial_id']} of {len(run.trials)}: {run.metric} "
+          f"{trial['best_metric']:.4f} at epoch {trial['best_epoch']} "
+          f"(ran {trial['epochs_run']} of {cfg.epochs} epochs)")
+    print(f"config: {config_path}")
+    if epochs != trial["best_epoch"]:
+        print(f"note: --epochs {epochs}, not {trial['best_epoch']}: the warmup "
+              f"({cfg.warmup_epochs:g} epochs) must fit in the epochs")
+    if epochs != cfg.epochs:
+        print(f"note: the cosine schedule now ends at epoch {epochs} instead of {cfg.epochs}")
+    command = ["resnet-hpo", "train", "--config", config_path, "--epochs", str(epochs),
+               "--output", model_dir(run)]
+    print("retrain it with:")
+    print(shlex.join(command))
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "best", help="write the best trial's config and print the command that retrains it",
+        description="Pick the best trial by the search metric at its best epoch, write its "
+                    "full config to RUN/best.yaml and print the `resnet-hpo train` command "
+                    "that retrains it for the epochs at which it was best.")
+    parser.add_argument("run_dir", metavar="RUN", help="run directory of a search (STORAGE/NAME)")
+    parser.add_argument("--output", metavar="FILE",
+                        help=f"write the config here instead of RUN/{BEST_FILE}")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    best_command(args.run_dir, args.output)

@@ -1,0 +1,99 @@
+"""Space files: shipped spaces load, bad files fail with one line naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from spaces import DefineByRun, load_space
+from trainable.errors import UserError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+GOOD = """
+metric: val_acc
+sampler: tpe
+scheduler: {name: asha, max_epochs: 4, grace_period: 1, reduction_factor: 2}
+fixed: {resolution: 16, weights: none}
+search:
+  lr:        {type: float, low: 1e-3, high: 1.0e-1, log: true}
+  optimizer: {type: categorical, choices: [sgd, adamw]}
+  momentum:  {type: float, low: 0.8, high: 0.99, when: {optimizer: sgd}}
+  unfreeze_depth: {type: int, low: 0, high: 5}
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["quick", "default", "cifar10"])
+def test_shipped_spaces_load_by_name_and_sample_valid_configs(name: str) -> None:
+    space = load_space(name)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(5):
+        config = space.config(DefineByRun(space)(study.ask()))
+        assert config.epochs == space.scheduler.max_epochs
+
+
+def test_yaml_1e_notation_is_a_number_and_when_conditions_apply(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, GOOD))
+    lr = next(p for p in space.params if p.name == "lr")
+    assert lr.distribution.low == pytest.approx(1e-3)  # type: ignore[attr-defined]
+    names = [p.name for p in space.params]
+    assert names.index("optimizer") < names.index("momentum")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(1))
+    for _ in range(10):
+        sampled = DefineByRun(space)(study.ask())
+        assert ("momentum" in sampled) == (sampled["optimizer"] == "sgd")
+
+
+def test_flag_override_fixes_a_searched_key_and_keeps_conditions_it_meets(tmp_path: Path) -> None:
+    space = load_space(write(tmp_path, GOOD))
+    assert "momentum" in [p.name for p in space.replace(fixed={"optimizer": "sgd"}).params]
+    adamw = space.replace(fixed={"optimizer": "adamw"})
+    assert [p.name for p in adamw.params] == ["lr", "unfreeze_depth"]
+    assert adamw.config({}).optimizer == "adamw"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ("search:\n  warmup_epoch: {type: float, low: 0, high: 1}",
+     "unknown key 'warmup_epoch'; did you mean 'warmup_epochs'?"),
+    ("search:\n  lr: {type: float, low: 0.5, high: 0.1}", "key 'search.lr': low (0.5) must be < "
+                                                         "high (0.1)"),
+    ("search:\n  lr: {type: float, low: -1.0, high: 0.1}", "key 'search.lr'"),
+    ("search:\n  lr: {type: float, low: abc, high: 0.1}", "'low' must be a number, got 'abc'"),
+    ("search:\n  optimizer: {type: float, low: 0, high: 1}", "type float does not fit"),
+    ("search:\n  lr: {type: float, low: 0.1, high: 1.0, when: {optimiser: sgd}}",
+     "key 'search.lr.when' refers to 'optimiser'"),
+    ("search:\n  optimizer: {type: categorical, choices: [sgd, lion]}", "key 'search.optimizer'"),
+    ("sampler: annealing", "key 'sampler' must be one of tpe, cmaes, random, qmc, gp"),
+    ("scheduler: {name: hyperband}", "key 'scheduler.name' must be one of asha, fifo"),
+    ("fixed: {batch_size: -4}", "config key 'batch_size'"),
+    ("fixed: {epochs: 3}", "set scheduler.max_epochs"),
+    ("trials: 3", "unknown key 'trials'"),
+    ("search: [lr]", "key 'search' must be a mapping"),
+    ("search:\n  lr: {type: float, low: 0.1, high: 1.0, lg: true}", "unknown key 'lg'"),
+])
+def test_bad_space_fails_with_one_line_naming_file_and_key(tmp_path: Path, change: str,
+                                                           expected: str) -> None:
+    path = write(tmp_path, change + "\n")
+    with pytest.raises(UserError) as e:
+        load_space(path)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(path)
+    assert expected in message
+
+
+def test_missing_and_unparsable_space_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no such shipped space; use one of cifar10, default"):
+        load_space("nosuch")
+    with pytest.raises(UserError, match="cannot read"):
+        load_space(str(tmp_path / "missing.yaml"))
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_space(write(tmp_path, "search: {lr: [\n"))
