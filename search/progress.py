@@ -14,10 +14,10 @@ from trainable.config import TrainConfig
 class ProgressPrinter(tune.Callback):
     def __init__(self, metric: str, searched: list[str], num_trials: int):
         self.metric, self.searched, self.num_trials = metric, searched, num_trials
-        self.start, self.done = time.monotonic(), 0
+        self.start = time.monotonic()
 
     def setup(self, **info: Any) -> None:
-        self.start, self.done = time.monotonic(), 0
+        self.start = time.monotonic()
 
     def _print(self, trial: Trial, text: str) -> None:
         print(f"[{time.monotonic() - self.start:6.0f}s] trial {trial.trial_id} {text}",
@@ -40,7 +40,6 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        self.done += 1
         last = trial.last_result or {}
         if "diverged" in last:
             how = f"failed: {last['diverged']}"
@@ -48,13 +47,18 @@ class ProgressPrinter(tune.Callback):
             how = f"stopped early after {last.get('epoch', 0)} epochs"
         else:
             how = "finished"
-        self._print(trial, f"{how} ({self.done}/{self.num_trials} done)")
+        self._print(trial, f"{how} ({_finished(trials, trial)}/{self.num_trials} done)")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        self.done += 1
-        self._print(trial, f"failed ({self.done}/{self.num_trials} done); see trials.parquet")
+        self._print(trial, f"failed ({_finished(trials, trial)}/{self.num_trials} done); see "
+                           "trials.parquet")
 
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _finished(trials: list[Trial], ending: Trial) -> int:
+    """Trials done, counting the one that is ending now (its status may not say so yet)."""
+    return sum(t is ending or t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)

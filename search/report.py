@@ -276,6 +276,8 @@ def learning_curves(run: SearchRun, epochs: list[dict[str, Any]], count: int) ->
                      fontsize=12)
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
+        if key.endswith("loss"):  # a diverging first epoch would flatten the rest
+            ax.set_yscale("log")
     axes[0].legend(title="rank, trial", fontsize=9)
     fig.suptitle(f"{run.name}: learning curves of the top {min(count, len(run.ranked))} trials",
                  fontsize=13)

@@ -9,6 +9,7 @@ an older checkpoint) replaces its earlier row instead of duplicating it.
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -138,11 +139,14 @@ class ResultsWriter(tune.Callback):
 
 
 def _error_line(trial: Trial) -> str:
-    """The exception that ended the trial, in one line: `Type: message`."""
-    error = trial.get_pickled_error()
-    cause = getattr(error, "cause", None) or error  # RayTaskError wraps the trial's exception
-    if cause is not None:
-        text = str(cause).strip().splitlines()
-        return f"{type(cause).__name__}: {text[-1] if text else ''}".strip()
-    lines = [line.strip() for line in (trial.get_error() or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "trial failed (no error message)"
+    """The exception that ended the trial, in one line: `Type: message`. Read from the
+    driver's copy of the trial's error file, which exists before storage is synced."""
+    try:
+        with open(trial.error_file) as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, TypeError):
+        lines = []
+    if not lines:
+        return "trial failed (no error message)"
+    qualified = re.match(r"(?:[\w.]+\.)?(\w+: .*)$", lines[-1])  # drop the module path
+    return qualified.group(1) if qualified else lines[-1]

@@ -311,7 +311,8 @@ def _valid_value(where: str, name: str, value: Any) -> Any:
         return getattr(TrainConfig.from_dict({name: value, **_companions(name, value)}), name)
     except UserError as e:
         detail = str(e).split(": ", 1)[-1]
-        allowed = field_choices(name) or (range_text(name) if field_range(name) else "")
+        choices = field_choices(name)
+        allowed = ", ".join(choices) if choices else (range_text(name) if field_range(name) else "")
         raise UserError(f"{where}: {detail}" + (f" (allowed: {allowed})" if allowed and
                                                  "allowed" not in detail else "")) from None
 

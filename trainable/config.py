@@ -36,7 +36,8 @@ class TrainConfig:
     weights: str = _field("imagenet", "imagenet (torchvision's download and cache) | none | "
                           "PATH to a ResNet18 state-dict file")
     stem: Literal["imagenet", "cifar"] = _field(
-        "imagenet", "imagenet: 7x7 conv + max-pool; cifar: 3x3 conv, no max-pool (for ~32px images)")
+        "imagenet", "imagenet: 7x7 conv + max-pool; cifar: 3x3 conv, no max-pool "
+        "(for ~32px images)")
     unfreeze_depth: int = _field(5, "stages trained, counted from the head: 0 = fc only, "
                                  "1 = +layer4, ..., 4 = +layer1, 5 = +stem", 0, 5)
     # Optimisation.
@@ -166,6 +167,8 @@ def _cast(key: str, value: Any, tp: Any) -> Any:
     """Cast YAML/CLI scalars (and numpy scalars from samplers) to the field's type."""
     choices = get_args(tp) if getattr(tp, "__origin__", None) is Literal else None
     if choices is not None:
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
+            value = "off"
         if value not in choices:
             raise UserError(f"config key '{key}': must be one of {', '.join(choices)}, "
                             f"got {value!r}")
