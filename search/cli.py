@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from search import best, report
+from search import best, ensemble, predict, report
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
 
@@ -88,7 +88,7 @@ def add_search_parser(commands: Any) -> None:
     search.add_argument("--address", help="join a running Ray cluster (auto, or host:port); "
                                           "default: start a local Ray")
     search.add_argument("--seed", type=int, help="seed of the sampler and of every trial's "
-                                                 "training (default: sampler 0, trials the space's)")
+                        "training (default: sampler 0, trials as the space says)")
     search.add_argument("--resume", action="store_true",
                         help="continue the interrupted search STORAGE/NAME")
     add_config_flags(search, "fixed hyperparameters (override the space file)",
@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(commands)
     report.add_parser(commands)
     best.add_parser(commands)
+    ensemble.add_parser(commands)
+    predict.add_parser(commands)
     return parser
 
 

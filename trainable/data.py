@@ -70,7 +70,11 @@ def load_dataset(source: str, resolution: int, val_fraction: float) -> Dataset:
         return _cifar(kind, Path(arg) if arg else cache_dir() / "datasets", resolution,
                       val_fraction)
     if kind == "imagefolder" and arg:
-        return _imagefolder(Path(arg).expanduser(), resolution, val_fraction)
+        root = Path(arg).expanduser()
+        try:
+            return _imagefolder(root, resolution, val_fraction)
+        except OSError as e:  # a folder or file we may not read, a vanished mount
+            raise UserError(f"imagefolder:{root}: {e.strerror or e}: {e.filename}") from None
     raise UserError(f"data source '{source}': use digits, cifar10[:ROOT], cifar100[:ROOT] or "
                     "imagefolder:PATH")
 
@@ -146,8 +150,8 @@ def _cifar(kind: str, root: Path, resolution: int, val_fraction: float) -> Datas
         except (OSError, RuntimeError, tarfile.TarError) as e:
             raise UserError(
                 f"{kind}: no local copy under {root} and the download failed ({e}); put "
-                f"{_CIFAR_ARCHIVES[kind]} (or its extracted folder) in {root} and use "
-                f"--data {kind}:{root}") from None
+                f"{_CIFAR_ARCHIVES[kind]} or its extracted folder {cls.base_folder} in {root} "
+                f"and use --data {kind}:{root}") from None
 
     def to_split(ds: datasets.CIFAR10) -> Split:
         images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
@@ -210,46 +214,50 @@ def _decode_folder(folder: Path, class_names: list[str], resolution: int,
     cached = _cache_path(files, resolution)
     if cached.exists():
         with np.load(cached) as saved:
+            skipped.extend(Path(p) for p in saved["unreadable"])
             return Split(saved["images"], saved["labels"])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda p: _decode_image(p, resolution), files))
-    ok = [i for i, image in enumerate(decoded) if image is not None]
-    skipped.extend(files[i] for i in range(len(files)) if decoded[i] is None)
+        decoded = list(pool.map(lambda p: decode_image(p, resolution), files))
+    readable = [(image, label) for image, label in zip(decoded, labels, strict=True)
+                if image is not None]
+    unreadable = [path for path, image in zip(files, decoded, strict=True) if image is None]
+    skipped.extend(unreadable)
     for label, name in enumerate(class_names):
-        if not any(labels[i] == label for i in ok):
+        if not any(readable_label == label for _, readable_label in readable):
             raise UserError(f"imagefolder: class folder {folder / name} has no readable images")
-    split = Split(np.stack([decoded[i] for i in ok]),
-                  np.asarray([labels[i] for i in ok], dtype=np.int64))
+    split = Split(np.stack([image for image, _ in readable]),
+                  np.asarray([label for _, label in readable], dtype=np.int64))
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, images=split.images, labels=split.labels)
+    np.savez(tmp, images=split.images, labels=split.labels,
+             unreadable=np.array([str(p) for p in unreadable], dtype=str))
     tmp.replace(cached)
     return split
 
 
 def _cache_path(files: list[Path], resolution: int) -> Path:
     """Decoded arrays are keyed by resolution and every file's path, size and mtime."""
-    digest = hashlib.sha256(f"v1 {resolution}".encode())
+    digest = hashlib.sha256(f"v2 {resolution}".encode())
     for p in files:
         st = p.stat()
         digest.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return cache_dir() / "decoded" / f"{digest.hexdigest()[:24]}.npz"
 
 
-def _decode_image(path: Path, resolution: int) -> np.ndarray | None:
+def decode_image(path: Path, resolution: int) -> np.ndarray | None:
     """RGB uint8 3 x R x R, or None for a corrupt, truncated or unsupported file."""
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
-                arr = np.asarray(im, dtype=np.float64)
-                peak = 65535.0 if im.mode.startswith("I;16") else max(arr.max(), 1.0)
-                im = Image.fromarray(np.round(arr * (255.0 / peak)).astype(np.uint8))
-            elif im.mode == "P":  # palette transparency converts cleanly only through RGBA
-                im = im.convert("RGBA")
-            rgb = np.asarray(im.convert("RGB"))
+        with Image.open(path) as file:
+            image: Image.Image = ImageOps.exif_transpose(file)
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grey: scale to 8 bits
+                grey = np.asarray(image, dtype=np.float64)
+                peak = 65535.0 if image.mode.startswith("I;16") else max(grey.max(), 1.0)
+                image = Image.fromarray(np.round(grey * (255.0 / peak)).astype(np.uint8))
+            elif image.mode == "P":  # palette transparency converts cleanly only through RGBA
+                image = image.convert("RGBA")
+            rgb = np.asarray(image.convert("RGB"))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
     tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]

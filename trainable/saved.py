@@ -1,4 +1,5 @@
-"""A trained model on disk: DIR/config.yaml, DIR/model.pt (state dict), DIR/metrics.json."""
+"""A trained model on disk: DIR/config.yaml, DIR/model.pt (state dict), DIR/metrics.json;
+or a trial checkpoint: DIR/config.yaml, DIR/checkpoint.pt."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from trainable.config import TrainConfig
 from trainable.errors import UserError
 from trainable.model import build_model
+from trainable.train import CHECKPOINT_FILE
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"
@@ -48,3 +50,18 @@ def load_model_dir(directory: Path) -> SavedModel:
     state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return SavedModel(cfg, model.eval(), metrics["class_names"], metrics)
+
+
+def load_checkpoint_dir(directory: Path) -> SavedModel:
+    """Load the best epoch's weights from a trial checkpoint (checkpoint.pt + config.yaml, as
+    `trainable.fit` saves them), on the CPU, in eval mode."""
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (directory / name).is_file():
+            raise UserError(f"{directory}: not a trial checkpoint (no {name})")
+    cfg = TrainConfig.from_yaml(directory / CONFIG_FILE)
+    state = torch.load(directory / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    model = build_model(cfg.replace(weights="none"), len(state["class_names"]))
+    model.load_state_dict(state["best_model"])
+    metrics = {"best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
+               "epochs_run": state["epoch"], "class_names": state["class_names"]}
+    return SavedModel(cfg, model.eval(), list(state["class_names"]), metrics)

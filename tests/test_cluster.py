@@ -1,0 +1,86 @@
+"""A real multi-node Ray cluster on this machine: a head that runs no trials and worker
+nodes that each declare one GPU. Trials spread over the nodes, every result lands in the one
+run directory, and a worker lost mid-search costs no epoch and duplicates none."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from ray.cluster_utils import Cluster
+
+from search.rundir import EPOCHS_FILE, TRIALS_FILE
+from tests.conftest import search_space_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=1)
+    yield cluster
+    cluster.shutdown()
+
+
+def start_search(tmp_path: Path, cluster: Cluster, *flags: str) -> subprocess.Popen[bytes]:
+    """The driver runs in its own process, as `ray exec` would run it on a head node."""
+    space = search_space_file(tmp_path, max_epochs=3, grace_period=3)
+    return subprocess.Popen(
+        [sys.executable, "-c", "from search.cli import main; main()", "search", "--space",
+         str(space), "--data", "digits", "--storage", str(tmp_path / "runs"), "--name", "mn",
+         "--address", cluster.address, "--scheduler", "fifo", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_trials_spread_over_worker_nodes_and_results_share_one_run_dir(
+        tmp_path: Path, cluster: Cluster) -> None:
+    driver = start_search(tmp_path, cluster, "--trials", "4", "--gpus-per-trial", "0.5",
+                          "--cpus-per-trial", "0.5")
+    out = driver.communicate(timeout=600)[0].decode()
+    assert driver.returncode == 0, out
+    run = tmp_path / "runs" / "mn"
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    workers = {node.node_id for node in cluster.worker_nodes}
+    assert set(trials.status) == {"TERMINATED"}
+    assert set(trials.node_id) <= workers and len(set(trials.node_id)) == 2
+    for row in trials.itertuples():
+        assert Path(row.checkpoint_path).is_relative_to(run)
+        assert (run / "tensorboard" / row.trial_id).is_dir()
+
+
+def test_a_lost_worker_node_costs_no_epoch(tmp_path: Path, cluster: Cluster) -> None:
+    spare = cluster.add_node(num_cpus=1, num_gpus=1)
+    driver = start_search(tmp_path, cluster, "--trials", "2", "--gpus-per-trial", "1",
+                          "--cpus-per-trial", "1", "--max-concurrent", "2")
+    epochs_file = tmp_path / "runs" / "mn" / EPOCHS_FILE
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        try:
+            rows = pq.read_table(epochs_file).to_pylist()
+        except (OSError, ValueError):
+            continue
+        busy = {r["node_id"] for r in rows if r["epoch"] == 1} - {spare.node_id}
+        victim = next((n for n in cluster.worker_nodes if n.node_id in busy), None)
+    assert victim is not None, "no trial reported an epoch in time"
+    cluster.remove_node(victim)
+    out = driver.communicate(timeout=600)[0].decode()
+    assert driver.returncode == 0, out
+
+    run = tmp_path / "runs" / "mn"
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
+    assert set(trials.status) == {"TERMINATED"} and (trials.epochs_run == 3).all()
+    assert sorted(epochs.groupby("trial_id").epoch.apply(list).sum()) == [1, 1, 2, 2, 3, 3]
+    moved = epochs[epochs.node_id == victim.node_id].trial_id.unique()
+    assert len(moved) == 1
+    last = epochs[(epochs.trial_id == moved[0]) & (epochs.epoch == 3)]
+    assert last.node_id.item() == spare.node_id
