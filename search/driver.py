@@ -8,6 +8,7 @@ object store.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import math
 import os
 import re
@@ -100,9 +101,9 @@ def start_ray(address: str | None) -> None:
         return
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=False, logging_level="ERROR")
+            ray.init(dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as e:
         raise UserError(f"--address {address}: cannot join the Ray cluster ({e}); start it "
                         "with `ray start --head` or `ray up cluster.yaml`") from None
@@ -155,7 +156,7 @@ def check_resources(request: SearchRequest) -> int:
 
 
 def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("resnet-hpo", "torch", "torchvision", "ray", "optuna", "pyarrow"):
         try:
             versions[package] = importlib.metadata.version(package)

@@ -16,7 +16,7 @@ class ProgressPrinter(tune.Callback):
         self.metric, self.searched, self.num_trials = metric, searched, num_trials
         self.start = time.monotonic()
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, *args: Any, **info: Any) -> None:
         self.start = time.monotonic()
 
     def _print(self, trial: Trial, text: str) -> None:

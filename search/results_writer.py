@@ -42,7 +42,7 @@ class ResultsWriter(tune.Callback):
         state.update(trials={}, epochs={}, checkpoints={})
         return state
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, *args: Any, **info: Any) -> None:
         self._reset()
         run = RunDir.open(self.run_uri)
         if run.exists(TRIALS_FILE):

@@ -40,6 +40,7 @@ class TensorBoardWriter(tune.Callback):
             writer = SummaryWriter(str(self.logdir / trial.trial_id))
             metrics = [*EPOCH_METRICS[1:], objective_name(self.metric)]
             config = TrainConfig.from_dict(trial.config).to_dict()
+            assert writer.file_writer is not None  # SummaryWriter opens it on construction
             for summary in hparams(config, dict.fromkeys(metrics, 0.0)):
                 writer.file_writer.add_summary(summary)
             self.writers[trial.trial_id] = writer

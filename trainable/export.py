@@ -19,6 +19,8 @@ class ImageClassifier(nn.Module):
     def __init__(self, model: nn.Module, resolution: int):
         super().__init__()
         self.model, self.resolution = model, resolution
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
