@@ -8,6 +8,7 @@ here synchronises the host with the device.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,9 +23,17 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 N x 3 x H x W -> float32, standardised with ImageNet's channel statistics."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255)
+    mean, inv_std = _channel_statistics(images.device)
     return (images.float() - mean) * inv_std
+
+
+@functools.cache
+def _channel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, 1 / std) in uint8 units, made once per device: a tensor built from Python
+    numbers on a GPU is a blocking copy, which would stall the host at every step."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    inv_std = 1 / (torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
+    return mean, inv_std
 
 
 def resolve_crop(crop: str, resolution: int) -> str:

@@ -90,20 +90,30 @@ class DeviceImages:
         with warnings.catch_warnings():  # arrays shared by Ray are read-only; we never write
             warnings.filterwarnings("ignore", message=".*not writable.*")
             images = torch.from_numpy(split.images)
-            self.labels = torch.from_numpy(split.labels).to(device)
+            labels = torch.from_numpy(split.labels)
+        self.labels = labels.to(device)
         resident = device.type == "cpu" or images.nbytes <= DEVICE_RESIDENT_MAX_BYTES
         self.images = images.to(device) if resident else images
+        # Labels beside the images, so one index tensor gathers both without a copy.
+        self.image_labels = self.labels if resident else labels
         self.device = device
+
+    @property
+    def index_device(self) -> torch.device:
+        """Where batch indices should live: there, `batch` needs no host-device copy."""
+        return self.images.device
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = idx.to(self.images.device, non_blocking=True)
-        images = self.images[idx]
+        idx = idx.to(self.index_device, non_blocking=True)
+        # index_select: about 30x faster than indexing with [] for a uint8 batch on the CPU.
+        images, labels = self.images.index_select(0, idx), self.image_labels.index_select(0, idx)
         if images.device != self.device:
             images = images.pin_memory().to(self.device, non_blocking=True)
-        return images, self.labels[idx.to(self.device, non_blocking=True)]
+            labels = labels.pin_memory().to(self.device, non_blocking=True)
+        return images, labels
 
 
 def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None = None,
@@ -176,7 +186,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     # Batch order, crops and mixing derive from (seed, epoch) alone, so a run resumed from
     # a checkpoint continues exactly as it would have.
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
-        cfg.seed * 100_003 + epoch))
+        cfg.seed * 100_003 + epoch)).to(images.index_device)  # one copy an epoch, not a step
     device_gen = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
     batch_size = min(cfg.batch_size, len(images))
@@ -224,7 +234,8 @@ def predict_logits(model: nn.Module, images: DeviceImages, rt: Runtime,
     set_train_mode(model, False)
     outputs = []
     for start in range(0, len(images), batch_size):
-        uint8, _ = images.batch(torch.arange(start, min(start + batch_size, len(images))))
+        uint8, _ = images.batch(torch.arange(start, min(start + batch_size, len(images)),
+                                             device=images.index_device))
         with rt.autocast():
             outputs.append(model(rt.prepare(uint8)).float())
     return torch.cat(outputs)
