@@ -1,0 +1,220 @@
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trainable.train as train_module
+from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, fit, load_dataset
+from trainable.augment import normalize
+from trainable.model import build_model
+from trainable.train import CHECKPOINT_FILE, SaveCheckpoint
+
+METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
+               "epoch_time_s"}
+
+
+def tiny_config(**changes: Any) -> TrainConfig:
+    base: dict[str, Any] = {"data": "tiny", "resolution": 16, "weights": "none", "epochs": 1,
+                            "batch_size": 8, "warmup_epochs": 0.0, "lr": 0.01}
+    return TrainConfig(**(base | changes))
+
+
+def record_optimizer_steps(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, float]]]:
+    """(stage, lr) of every param group at each optimizer step that `fit` takes."""
+    steps: list[list[tuple[int, float]]] = []
+    build = train_module.build_optimizer
+
+    def recording_build(*args: Any) -> torch.optim.Optimizer:
+        optimizer = build(*args)
+        optimizer.register_step_pre_hook(lambda opt, *_: steps.append(
+            [(group["stage"], group["lr"]) for group in opt.param_groups]))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", recording_build)
+    return steps
+
+
+def test_report_gets_every_metric_each_epoch(tiny: Dataset) -> None:
+    reports: list[dict[str, float]] = []
+    result = fit(tiny_config(epochs=2), lambda metrics, _: reports.append(metrics), data=tiny)
+    assert [r["epoch"] for r in reports] == [1, 2] and result.history == reports
+    for metrics in reports:
+        assert set(metrics) == METRIC_KEYS
+        assert all(math.isfinite(v) for v in metrics.values())
+        assert 0 <= metrics["val_acc"] <= 1 and metrics["images_per_s"] > 0
+
+
+def test_each_group_lr_follows_layer_decay_warmup_and_cosine(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    steps = record_optimizer_steps(monkeypatch)
+    cfg = tiny_config(epochs=3, batch_size=4, warmup_epochs=1.0, lr=0.01, min_lr=0.001,
+                      layer_decay=0.5, unfreeze_depth=2)
+    fit(cfg, data=tiny)
+    per_epoch, warmup, total = 6, 6, 18  # 24 images in batches of 4
+    assert len(steps) == total
+    for step in (0, 2, 5, 6, 9, 12, 17):
+        if step < warmup:
+            factor = (step + 1) / warmup
+        else:
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+            factor = 0.1 + 0.9 * cosine  # min_lr / lr = 0.1
+        assert {stage for stage, _ in steps[step]} == {0, 1, 2}
+        for stage, lr in steps[step]:
+            assert lr == pytest.approx(0.01 * 0.5 ** stage * factor), (step, stage)
+    assert steps[per_epoch - 1][0][1] == pytest.approx(0.01)  # peak at the end of warmup
+
+
+def test_frozen_stages_keep_weights_and_batchnorm_statistics_during_fit(tiny: Dataset) -> None:
+    cfg = tiny_config(unfreeze_depth=1, lr=0.1)
+    torch.manual_seed(cfg.seed)
+    before = build_model(cfg, tiny.num_classes).state_dict()
+    after = fit(cfg, data=tiny).model.state_dict()
+    for key in ("layer3.1.bn2.running_mean", "layer3.1.bn2.running_var", "bn1.running_var",
+                "layer1.0.bn1.num_batches_tracked", "layer3.0.conv1.weight", "conv1.weight"):
+        assert torch.equal(before[key], after[key]), key
+    for key in ("layer4.1.bn2.running_mean", "layer4.0.conv1.weight", "fc.weight"):
+        assert not torch.equal(before[key], after[key]), key
+
+
+def test_mixed_targets_sum_to_one_and_validation_is_never_mixed(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixed_batches: list[torch.Tensor] = []
+    mix = train_module.mix
+
+    def spying_mix(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x, targets = mix(*args)
+        mixed_batches.append(targets)
+        return x, targets
+
+    monkeypatch.setattr(train_module, "mix", spying_mix)
+    cfg = tiny_config(batch_size=4, mixup_alpha=0.4, cutmix_alpha=1.0, label_smoothing=0.1)
+    result = fit(cfg, data=tiny)
+    assert len(mixed_batches) == len(tiny.train) // 4  # training batches only
+    for targets in mixed_batches:
+        assert torch.allclose(targets.sum(1), torch.ones(len(targets)))
+    assert any(t.max() < 0.9 for t in mixed_batches)  # some batch was really mixed
+    # The reported validation loss is that of plain, unaugmented validation images.
+    with torch.no_grad():
+        logits = result.model.eval()(normalize(torch.from_numpy(tiny.val.images)))
+    plain_loss = F.cross_entropy(logits, torch.from_numpy(tiny.val.labels)).item()
+    assert result.history[0]["val_loss"] == pytest.approx(plain_loss, rel=1e-5)
+
+
+def test_bf16_autocast_runs_on_the_cpu(tiny: Dataset) -> None:
+    cfg = tiny_config(amp="bf16", batch_size=12)
+    head_dtypes: set[torch.dtype] = set()
+    build = train_module.build_model
+
+    def spying_build(*args: Any) -> torch.nn.Module:
+        model = build(*args)
+        model.fc.register_forward_hook(lambda m, i, out: head_dtypes.add(out.dtype))
+        return model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "build_model", spying_build)
+        result = fit(cfg, data=tiny, device="cpu")
+    assert head_dtypes == {torch.bfloat16}
+    assert math.isfinite(result.history[0]["train_loss"])
+
+
+def test_fp16_on_the_cpu_is_a_user_error(tiny: Dataset) -> None:
+    with pytest.raises(UserError, match="config key 'amp': fp16 needs CUDA"):
+        fit(tiny_config(amp="fp16"), data=tiny, device="cpu")
+
+
+def test_a_state_dict_weights_file_is_what_a_linear_probe_starts_from(
+        tiny: Dataset, resnet18_weights_file: Path) -> None:
+    result = fit(tiny_config(weights=str(resnet18_weights_file), unfreeze_depth=0), data=tiny)
+    saved = torch.load(resnet18_weights_file, weights_only=True)
+    state = result.model.state_dict()
+    for key in ("conv1.weight", "layer4.1.conv2.weight", "layer2.0.bn1.running_mean"):
+        assert torch.equal(state[key], saved[key]), key
+    assert state["fc.weight"].shape == (3, 512)
+
+
+def test_resolution_must_match_the_decoded_data(tiny: Dataset) -> None:
+    with pytest.raises(UserError, match="decoded at 16px, the config asks for 32px"):
+        fit(tiny_config(resolution=32), data=tiny)
+
+
+def test_nan_loss_raises_training_diverged(tiny: Dataset,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module, "soft_cross_entropy",
+                        lambda logits, targets: logits.float().sum() * float("nan"))
+    with pytest.raises(TrainingDiverged, match="training loss became nan in epoch 1"):
+        fit(tiny_config(), data=tiny)
+
+
+def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path,
+                                                               tiny: Dataset) -> None:
+    cfg = tiny_config(epochs=3, batch_size=6, lr=0.05, warmup_epochs=1.0, mixup_alpha=0.3)
+
+    def saving_at(epoch: int, directory: Path, stop: bool = False) -> Any:
+        def report(metrics: dict[str, float], save: SaveCheckpoint) -> None:
+            if metrics["epoch"] == epoch:
+                save(directory)
+                if stop:
+                    raise KeyboardInterrupt  # the trial dies right after its checkpoint
+        return report
+
+    fit(cfg, saving_at(3, tmp_path / "straight"), data=tiny)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, saving_at(1, tmp_path / "interrupted", stop=True), data=tiny)
+    resumed = fit(cfg, saving_at(3, tmp_path / "resumed"), data=tiny,
+                  resume_from=tmp_path / "interrupted")
+    assert [m["epoch"] for m in resumed.history] == [2, 3]
+    straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=True)
+    again = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
+    assert straight["epoch"] == again["epoch"] == 3
+    assert straight["best_epoch"] == again["best_epoch"]
+    for key, value in straight["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+    assert (tmp_path / "interrupted" / "config.yaml").is_file()
+
+
+def test_early_stop_patience_stops_a_run_that_stopped_improving(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: (1.0, 0.5))
+    result = fit(tiny_config(epochs=10, early_stop_patience=2), data=tiny)
+    assert len(result.history) == 3 and result.best_epoch == 1
+    assert len(fit(tiny_config(epochs=4), data=tiny).history) == 4  # 0 = off
+
+
+def test_accumulated_micro_batches_step_like_one_large_batch(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only fc trains and every BatchNorm is frozen, so two micro-batches of 4 must give the
+    # gradient of one batch of 8: the same weights after an epoch.
+    common: dict[str, Any] = {"unfreeze_depth": 0, "crop": "none", "flip": "none", "lr": 0.5,
+                              "momentum": 0.0, "epochs": 2}
+    steps = record_optimizer_steps(monkeypatch)
+    large = fit(tiny_config(batch_size=8, **common), data=tiny).model
+    assert len(steps) == 6
+    steps.clear()
+    small = fit(tiny_config(batch_size=4, accumulate_steps=2, **common), data=tiny).model
+    assert len(steps) == 6  # 24 images: 6 micro-batches a epoch, one step per two
+    assert torch.allclose(large.state_dict()["fc.weight"], small.state_dict()["fc.weight"],
+                          atol=1e-6)
+    steps.clear()
+    fit(tiny_config(batch_size=4, accumulate_steps=4, **common), data=tiny)
+    assert len(steps) == 4  # 6 micro-batches: a step after 4, then one after the last 2
+
+
+def subsample(split: Split, n: int) -> Split:
+    return Split(split.images[:n], split.labels[:n])
+
+
+@pytest.mark.slow
+def test_a_short_digits_run_learns() -> None:
+    data = load_dataset("digits", 16, 0.1)
+    assert data.test is not None
+    data.train = subsample(data.train, 512)
+    cfg = TrainConfig(data="digits", resolution=16, weights="none", epochs=4, batch_size=16,
+                      warmup_epochs=0.5, lr=0.02)
+    result = fit(cfg, data=data)
+    assert result.best_val_acc > 0.6  # chance is 0.1
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert np.isfinite([m["val_loss"] for m in result.history]).all()
