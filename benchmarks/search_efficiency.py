@@ -13,6 +13,9 @@ first reach it. The last line is `epochs ratio (tpe+asha / random+fifo): X.XX` (
 the seeds; `never` if TPE+ASHA missed the target for some seed). With `--output DIR` it
 writes DIR/search_efficiency.txt (this output) and DIR/search_efficiency.png (the curves).
 The searches' own output goes to search.log (in DIR, else in the temporary storage).
+
+TPE's first 10 trials (Optuna's n_startup_trials) are random draws from the same seed as
+the random sampler's: TPE can only differ from random with well over 10 trials.
 """
 
 from __future__ import annotations
@@ -161,6 +164,7 @@ def plot(results: list[dict[str, Run]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     import ray
 
@@ -195,14 +199,14 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(tail))
     if args.output:
         device = f"{os.cpu_count()}-core {platform.machine()} CPU"
-        command = shlex.join(["python", "benchmarks/search_efficiency.py", *sys.argv[1:]])
+        command = shlex.join(["python", "benchmarks/search_efficiency.py", *argv])
         header = f"# {time.strftime('%Y-%m-%d')}  {device}  {command}"
         (args.output / "search_efficiency.txt").write_text("\n".join([header, *lines, *tail])
                                                            + "\n")
         plot(results, args.output / "search_efficiency.png")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", default="quick", help="shipped space name or YAML file")
     parser.add_argument("--trials", type=int, default=16, help="trials per search")

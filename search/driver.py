@@ -13,7 +13,6 @@ import math
 import os
 import re
 import shlex
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ class SearchRequest:
     max_failures: int
     address: str | None
     seed: int
+    command_line: str  # as the user typed it, for search.json
 
     @property
     def run_uri(self) -> str:
@@ -170,7 +170,7 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
             "searched": [p.name for p in space.params], "data": data.source,
             "resolution": data.resolution, "val_fraction": space.config({}).val_fraction,
             "gpus_per_trial": request.gpus_per_trial, "cpus_per_trial": request.cpus_per_trial,
-            "command": shlex.join(["resnet-hpo", *sys.argv[1:]]), "versions": versions,
+            "command": request.command_line, "versions": versions,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -297,7 +297,8 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
         cpus_per_trial=float(cpus),
         max_concurrent=pick(args.max_concurrent, "max_concurrent", None),
-        max_failures=args.max_failures, address=args.address, seed=args.seed or 0)
+        max_failures=args.max_failures, address=args.address, seed=args.seed or 0,
+        command_line=args.command_line)
 
 
 def resume_request(args: Any) -> SearchRequest:
@@ -316,4 +317,5 @@ def resume_request(args: Any) -> SearchRequest:
     return SearchRequest(space=space, trials=meta["trials"], name=name, storage=storage,
                          gpus_per_trial=meta["gpus_per_trial"],
                          cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
-                         max_failures=args.max_failures, address=args.address, seed=meta["seed"])
+                         max_failures=args.max_failures, address=args.address, seed=meta["seed"],
+                         command_line=meta["command"])

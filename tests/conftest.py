@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def ray_session() -> Iterator[None]:
     testable on a GPU-less machine. `resnet-hpo search` joins it instead of starting one."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    # address="local": always a new instance, never a cluster another process started
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
+             log_to_driver=False, logging_level=logging.ERROR)
     yield
     ray.shutdown()
 

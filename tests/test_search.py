@@ -130,7 +130,8 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
     args = type("Args", (), dict(space=str(search_space_file(tmp_path)), scheduler=None,
                                  max_epochs=None, sampler=None, trials=4, gpus_per_trial=0.25,
                                  cpus_per_trial=1.0, max_concurrent=None, max_failures=0,
-                                 storage=str(tmp_path), name="x", address=None, seed=0))
+                                 storage=str(tmp_path), name="x", address=None, seed=0,
+                                 command_line="resnet-hpo search"))
     with pytest.raises(UserError, match=r"0 GPUs in all.*use --gpus-per-trial 0"):
         check_resources(request_from_args(args, {}))
 
