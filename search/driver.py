@@ -227,9 +227,8 @@ def run_search(request: SearchRequest, resume: bool) -> None:
     data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
     print(data.summary(), flush=True)
     start_ray(request.address)
-    concurrent = request.max_concurrent or check_resources(request)
-    if request.max_concurrent:
-        check_resources(request)
+    fits = check_resources(request)
+    concurrent = request.max_concurrent or fits
     # With a search algorithm Tune keeps one trial pending unless told otherwise, so
     # fractional-GPU trials would start one after another instead of side by side.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(concurrent, 1))

@@ -125,11 +125,9 @@ class RunDir:
         """Write next to the target, then rename: readers never see a half-written file."""
         if metadata:
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-        self.fs.create_dir(self.path, recursive=True)
-        tmp = self.join(f".{name}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f)
-        self.fs.move(tmp, self.join(name))
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        self.write_bytes(name, buffer.getvalue().to_pybytes())
 
     def read_json(self, name: str) -> dict[str, Any]:
         self.require(name)
@@ -137,10 +135,14 @@ class RunDir:
             return dict(json.loads(f.read().decode()))
 
     def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write next to the target, then rename: readers never see a half-written file."""
         self.fs.create_dir(self.path, recursive=True)
         tmp = self.join(f".{name}.{uuid.uuid4().hex}.tmp")
         with self.fs.open_output_stream(tmp) as f:
-            f.write(text.encode())
+            f.write(data)
         self.fs.move(tmp, self.join(name))
 
     def write_json(self, name: str, values: dict[str, Any]) -> None:
