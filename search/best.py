@@ -16,6 +16,7 @@ import yaml
 from search.rundir import BEST_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
 from trainable.config import TrainConfig, field_names
 from trainable.errors import UserError
+from trainable.ranking import METRIC_MODES, metric_mode, rank_trials
 
 Trial = dict[str, Any]  # one row of trials.parquet
 
@@ -32,9 +33,9 @@ class SearchRun:
         rundir = RunDir.open(uri)
         info = rundir.read_json(SEARCH_FILE)
         run = cls(rundir, info, rundir.read_table(TRIALS_FILE).to_pylist())
-        if run.mode not in ("max", "min"):
-            raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'mode' must be max or min, "
-                            f"got {run.mode!r}")
+        if run.metric not in METRIC_MODES:
+            raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'metric' must be one of "
+                            f"{', '.join(METRIC_MODES)}, got {run.metric!r}")
         return run
 
     @property
@@ -43,7 +44,7 @@ class SearchRun:
 
     @property
     def mode(self) -> str:
-        return str(self.info.get("mode", "max"))
+        return metric_mode(self.metric)
 
     @property
     def name(self) -> str:
@@ -52,14 +53,7 @@ class SearchRun:
     @cached_property
     def ranked(self) -> list[Trial]:
         """Trials that did not fail and reported the metric, best first (at their best epoch)."""
-        scored = [t for t in self.trials if t["status"] != "ERROR" and has_metric(t)]
-        sign = -1.0 if self.mode == "max" else 1.0
-        return sorted(scored, key=lambda t: (sign * t["best_metric"], t["trial_id"]))
-
-
-def has_metric(trial: Trial) -> bool:
-    value = trial.get("best_metric")
-    return value is not None and not math.isnan(value) and trial.get("best_epoch") is not None
+        return rank_trials(self.trials, "best_metric", self.mode)
 
 
 def trial_config(trial: Trial, source: str) -> TrainConfig:

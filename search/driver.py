@@ -179,9 +179,8 @@ def build_trainable(request: SearchRequest, data: Dataset) -> Any:
 
     from trainable.tune_adapter import train_trial
 
-    space = request.space
     return tune.with_resources(
-        tune.with_parameters(train_trial, data=data, metric=space.metric, mode=space.mode),
+        tune.with_parameters(train_trial, data=data),
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
@@ -212,9 +211,8 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=request.name, storage_path=request.storage, callbacks=callbacks, verbose=0,
-            checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=space.metric,
-                checkpoint_score_order=space.mode),
+            # Every checkpoint holds the best epoch's weights so far: the latest is enough.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=request.max_failures)))
 
 
@@ -251,21 +249,22 @@ def run_search(request: SearchRequest, resume: bool) -> None:
 
 
 def print_summary(run: RunDir) -> None:
-    meta = run.read_json(SEARCH_FILE)
-    rows = run.read_table(TRIALS_FILE).to_pylist() if run.exists(TRIALS_FILE) else []
-    done = [r for r in rows if r["status"] == "TERMINATED" and r["best_metric"] is not None]
+    from search.best import SearchRun
+
+    search = SearchRun.open(run.uri)
+    rows = search.trials
+    done = [r for r in rows if r["status"] == "TERMINATED"]
     failed = [r for r in rows if r["status"] == "ERROR"]
     early = [r for r in done if r["stopped_early"]]
     gpu_hours = sum(r["gpu_hours"] or 0.0 for r in rows)
     print(f"\n{len(rows)} trials: {len(done) - len(early)} ran all epochs, {len(early)} stopped "
           f"early, {len(failed)} failed; {gpu_hours:.2f} GPU-hours")
-    if not done:
+    if not search.ranked:
         raise UserError(f"no trial finished; see the error column of {run.uri_of(TRIALS_FILE)}")
-    sign = 1 if meta["mode"] == "max" else -1
-    best = max(done, key=lambda r: sign * r["best_metric"])
-    print(f"best trial {best['trial_id']}: {meta['metric']} {best['best_metric']:.4f} at "
+    best = search.ranked[0]
+    print(f"best trial {best['trial_id']}: {search.metric} {best['best_metric']:.4f} at "
           f"epoch {best['best_epoch']} of {best['epochs_run']}")
-    for name in meta["searched"]:
+    for name in search.info["searched"]:
         value = best[name]
         print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
     where = shlex.quote(run.uri)

@@ -3,20 +3,14 @@
 The top K trials (by the search metric at their best epoch) are loaded from their
 checkpoints and evaluated on the data each was trained on (its own resolution and stem).
 Their class probabilities are combined by averaging, majority vote, or a logistic
-regression fitted on the validation split (stacking). The result is saved as one module,
-EnsembleClassifier, that takes float RGB images in [0, 1] and returns class probabilities;
-each member resizes and normalises its own input, so it exports as one ONNX graph.
-
-    DIR/ensemble.yaml   method, class names, input resolution, every member's TrainConfig
-    DIR/ensemble.pt     state dict of the EnsembleClassifier
-    DIR/metrics.json    the evaluation, as written to RUN/ensemble.json
-    DIR/ensemble.onnx   with --onnx: input `images`, output `probabilities`
+regression fitted on the validation split (stacking). The result is one module
+(`trainable.fusion.EnsembleClassifier`: float RGB images in [0, 1] -> class probabilities),
+saved as an ensemble directory (`trainable.saved`) and, with --onnx, exported as one graph.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -27,8 +21,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
-import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from search.best import SearchRun
@@ -36,150 +28,25 @@ from search.rundir import ENSEMBLE_FILE, TRIALS_FILE, RunDir
 from trainable.config import TrainConfig
 from trainable.data import load_dataset
 from trainable.errors import UserError
-from trainable.export import ImageClassifier
-from trainable.model import build_model
-from trainable.saved import SavedModel, load_checkpoint_dir
+from trainable.export import export_onnx
+from trainable.fusion import (
+    METHODS,
+    EnsembleClassifier,
+    EnsembleSpec,
+    StackedLogistic,
+    make_combiner,
+    stack_features,
+)
+from trainable.model import ImageClassifier
+from trainable.saved import (
+    ENSEMBLE_ONNX_FILE,
+    SavedModel,
+    load_checkpoint_dir,
+    save_ensemble_dir,
+)
 from trainable.train import DeviceImages, Runtime, predict_logits
 
-METHODS = ("average", "vote", "stack")
-CONFIG_FILE = "ensemble.yaml"
-WEIGHTS_FILE = "ensemble.pt"
-METRICS_FILE = "metrics.json"
-ONNX_FILE = "ensemble.onnx"
 STACK_MAX_FOLDS = 5
-
-
-# --- combiners: member probabilities (members, N, classes) -> probabilities (N, classes) ---
-
-class MeanProbabilities(nn.Module):
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs.mean(0)
-
-
-class MajorityVote(nn.Module):
-    """Each member votes for its argmax; ties go to the higher mean probability.
-
-    Returns (votes + mean probability) / (members + 1): a distribution whose argmax is the
-    vote's winner, since a class with one vote more always outscores the mean-probability
-    difference (which is below one).
-    """
-
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        votes = F.one_hot(probs.argmax(-1), probs.shape[-1]).sum(0).to(probs.dtype)
-        return (votes + probs.mean(0)) / (probs.shape[0] + 1)
-
-
-class StackedLogistic(nn.Module):
-    """A multinomial logistic regression on the members' probabilities, side by side."""
-
-    def __init__(self, members: int, classes: int):
-        super().__init__()
-        self.linear = nn.Linear(members * classes, classes)
-
-    def forward(self, probs: torch.Tensor) -> torch.Tensor:
-        return self.linear(stack_features(probs)).softmax(-1)
-
-
-def stack_features(probs: torch.Tensor) -> torch.Tensor:
-    """(members, N, classes) -> (N, members * classes), member by member."""
-    return probs.permute(1, 0, 2).flatten(1)
-
-
-def make_combiner(method: str, members: int, classes: int) -> nn.Module:
-    if method == "average":
-        return MeanProbabilities()
-    if method == "vote":
-        return MajorityVote()
-    return StackedLogistic(members, classes)
-
-
-class EnsembleClassifier(nn.Module):
-    """RGB images as float in [0, 1], N x 3 x R x R -> class probabilities (N, classes)."""
-
-    def __init__(self, members: list[ImageClassifier], combiner: nn.Module):
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.combiner = combiner
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([member(images).float().softmax(-1) for member in self.members])
-        return self.combiner(probs)
-
-
-# --- the ensemble on disk ------------------------------------------------------------------
-
-@dataclass
-class EnsembleSpec:
-    """What rebuilds an ensemble: the method, the classes and each member's config."""
-    method: str
-    class_names: list[str]
-    trial_ids: list[str]
-    configs: list[TrainConfig]
-
-    @property
-    def resolution(self) -> int:
-        """Input side length: the largest member's, so no member upsamples its input."""
-        return max(cfg.resolution for cfg in self.configs)
-
-    def build(self) -> EnsembleClassifier:
-        """The module with fresh weights, ready for a state dict."""
-        members = [ImageClassifier(build_model(cfg.replace(weights="none"),
-                                               len(self.class_names)), cfg.resolution)
-                   for cfg in self.configs]
-        combiner = make_combiner(self.method, len(members), len(self.class_names))
-        return EnsembleClassifier(members, combiner)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "class_names": self.class_names,
-                "input_resolution": self.resolution,
-                "members": [{"trial_id": t, "config": cfg.to_dict()}
-                            for t, cfg in zip(self.trial_ids, self.configs, strict=True)]}
-
-
-@dataclass
-class SavedEnsemble:
-    spec: EnsembleSpec
-    module: EnsembleClassifier
-
-
-def save_ensemble_dir(directory: Path, spec: EnsembleSpec, module: EnsembleClassifier,
-                      metrics: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    torch.save(module.state_dict(), directory / WEIGHTS_FILE)
-    (directory / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def load_ensemble_dir(directory: Path) -> SavedEnsemble:
-    """Load an ensemble written by `resnet-hpo ensemble`, on the CPU, in eval mode."""
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise UserError(f"{directory}: not an ensemble directory (no {name}); use one "
-                            "written by resnet-hpo ensemble")
-    values = yaml.safe_load((directory / CONFIG_FILE).read_text())
-    source = str(directory / CONFIG_FILE)
-    spec = EnsembleSpec(values["method"], list(values["class_names"]),
-                        [str(m["trial_id"]) for m in values["members"]],
-                        [TrainConfig.from_dict(m["config"], source=source)
-                         for m in values["members"]])
-    module = spec.build()
-    module.load_state_dict(torch.load(directory / WEIGHTS_FILE, map_location="cpu",
-                                      weights_only=True))
-    return SavedEnsemble(spec, module.eval())
-
-
-def export_ensemble_onnx(module: EnsembleClassifier, resolution: int, path: Path) -> None:
-    """Write `path`: input `images` (N x 3 x R x R float in [0, 1]), output `probabilities`."""
-    try:
-        import onnxscript  # noqa: F401  (torch's exporter needs it)
-    except ImportError:
-        raise UserError("--onnx needs the onnx extra: pip install 'resnet-hpo[onnx]'") from None
-    example = torch.rand(2, 3, resolution, resolution)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.cpu().eval(), (example,), str(path), input_names=["images"],
-                          output_names=["probabilities"], dynamo=True, verbose=False,
-                          dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
 
 
 # --- members of a search -------------------------------------------------------------------
@@ -398,10 +265,10 @@ def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
                                  for m in members], combiner).eval()
     save_ensemble_dir(out, spec, module, result)
     if onnx:
-        export_ensemble_onnx(module, spec.resolution, out / ONNX_FILE)
+        export_onnx(module, spec.resolution, out / ENSEMBLE_ONNX_FILE, "probabilities")
     run.rundir.write_json(ENSEMBLE_FILE, result)
     print_table(result)
-    print(f"ensemble in {out}/" + (f" (with {ONNX_FILE})" if onnx else ""))
+    print(f"ensemble in {out}/" + (f" (with {ENSEMBLE_ONNX_FILE})" if onnx else ""))
     return result
 
 
@@ -421,7 +288,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              "(default average)")
     parser.add_argument("--output", metavar="DIR",
                         help="directory for the ensemble (default: RUN/ensemble)")
-    parser.add_argument("--onnx", action="store_true", help=f"also export {ONNX_FILE}")
+    parser.add_argument("--onnx", action="store_true", help=f"also export {ENSEMBLE_ONNX_FILE}")
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
     parser.set_defaults(run=_run)
 

@@ -18,38 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from search.ensemble import CONFIG_FILE as ENSEMBLE_CONFIG_FILE
-from search.ensemble import load_ensemble_dir
 from trainable.data import IMAGE_EXTENSIONS, decode_image
 from trainable.errors import UserError
-from trainable.export import ImageClassifier
-from trainable.saved import MODEL_FILE, load_checkpoint_dir, load_model_dir
-from trainable.train import CHECKPOINT_FILE
-
-
-@dataclass
-class Predictor:
-    module: nn.Module  # float RGB images in [0, 1], N x 3 x R x R -> probabilities (N, classes)
-    resolution: int
-    class_names: list[str]
-
-
-def load_predictor(model_dir: Path) -> Predictor:
-    if (model_dir / ENSEMBLE_CONFIG_FILE).is_file():
-        ensemble = load_ensemble_dir(model_dir)
-        return Predictor(ensemble.module, ensemble.spec.resolution, ensemble.spec.class_names)
-    if (model_dir / MODEL_FILE).is_file():
-        saved = load_model_dir(model_dir)
-    elif (model_dir / CHECKPOINT_FILE).is_file():
-        saved = load_checkpoint_dir(model_dir)
-    else:
-        raise UserError(f"{model_dir}: not a model directory (no {MODEL_FILE}, "
-                        f"{ENSEMBLE_CONFIG_FILE} or {CHECKPOINT_FILE}); use one written by "
-                        "resnet-hpo train or resnet-hpo ensemble")
-    module = nn.Sequential(ImageClassifier(saved.model, saved.cfg.resolution), nn.Softmax(-1))
-    return Predictor(module.eval(), saved.cfg.resolution, saved.class_names)
+from trainable.saved import Classifier, load_classifier
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -66,16 +38,16 @@ class Prediction:
     probs: np.ndarray  # (classes,)
 
 
-def predict_folder(predictor: Predictor, folder: Path, device: torch.device,
+def predict_folder(classifier: Classifier, folder: Path, device: torch.device,
                    batch_size: int) -> tuple[list[Prediction], list[str]]:
     """Predictions for every readable image, and the names of the unreadable ones."""
     files = image_files(folder)
-    module = predictor.module.to(device).eval()
+    module = classifier.module.to(device).eval()
     predictions: list[Prediction] = []
     unreadable: list[str] = []
     for chunk in _chunks(files, batch_size):
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            decoded = list(pool.map(lambda p: decode_image(p, predictor.resolution), chunk))
+            decoded = list(pool.map(lambda p: decode_image(p, classifier.resolution), chunk))
         names = [p.relative_to(folder).as_posix() for p in chunk]
         unreadable += [name for name, image in zip(names, decoded, strict=True) if image is None]
         readable = [(name, image) for name, image in zip(names, decoded, strict=True)
@@ -111,9 +83,9 @@ def predict_command(model_dir: str, images: str, output: str, all_probabilities:
                     device: str | None = None, batch_size: int = 64) -> None:
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    predictor = load_predictor(Path(model_dir))
+    classifier = load_classifier(Path(model_dir))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    predictions, unreadable = predict_folder(predictor, Path(images), dev, batch_size)
+    predictions, unreadable = predict_folder(classifier, Path(images), dev, batch_size)
     if unreadable:
         warnings.warn(f"skipped {len(unreadable)} unreadable images: {', '.join(unreadable)}",
                       stacklevel=2)
@@ -121,7 +93,7 @@ def predict_command(model_dir: str, images: str, output: str, all_probabilities:
         raise UserError(f"{images}: no readable images (looked for "
                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     try:
-        write_csv(Path(output), predictions, predictor.class_names, all_probabilities)
+        write_csv(Path(output), predictions, classifier.class_names, all_probabilities)
     except OSError as e:
         raise UserError(f"--output {output}: cannot write ({e.strerror or e})") from None
     print(f"wrote {len(predictions)} predictions to {output}")

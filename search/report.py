@@ -20,7 +20,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from search.best import SearchRun, Trial, has_metric
+from search.best import SearchRun, Trial
 from search.rundir import ENSEMBLE_FILE, EPOCHS_FILE, PLOTS_DIR
 from spaces.space import Param, load_space
 from trainable.config import field_names
@@ -184,7 +184,7 @@ def importance_text(run: SearchRun, params: Sequence[Param]) -> str:
 
 
 def finished_trials(run: SearchRun) -> list[Trial]:
-    return [t for t in run.trials if t["status"] == "TERMINATED" and has_metric(t)]
+    return [t for t in run.ranked if t["status"] == "TERMINATED"]
 
 
 def importances_of(run: SearchRun, params: Sequence[Param]) -> tuple[dict[str, float], str]:

@@ -1,14 +1,19 @@
 """A Tune callback that keeps trials.parquet and epochs.parquet current as trials report.
 
 Both files are replaced atomically, after every finished trial and at most every
-FLUSH_EVERY_S seconds in between, so a killed search leaves valid files. On `--resume` the
-callback starts from the files on disk, and an epoch reported again (a trial resumed from
-an older checkpoint) replaces its earlier row instead of duplicating it.
+FLUSH_EVERY_S seconds in between, so a killed search leaves valid files. No reported epoch
+is lost to a kill between two flushes: every trial checkpoint carries the rows its trial
+has reported (epochs.json), and on `--resume` (or when a trial restarts from a checkpoint)
+the writer restores the rows it lacks from there. An epoch reported again (a trial resumed
+from an older checkpoint) replaces its earlier row instead of duplicating it.
+
+The bookkeeping per result is constant: rows are indexed by trial, and a trial's config is
+validated once.
 """
 
 from __future__ import annotations
 
-import math
+import posixpath
 import re
 import time
 from typing import Any
@@ -19,8 +24,11 @@ from ray.tune.experiment import Trial
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
 from trainable.config import TrainConfig
+from trainable.ranking import best_epoch_row
+from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs
 
 FLUSH_EVERY_S = 10.0
+EPOCH_COLUMNS = tuple(epochs_schema().names)
 
 
 class ResultsWriter(tune.Callback):
@@ -32,14 +40,17 @@ class ResultsWriter(tune.Callback):
 
     def _reset(self) -> None:
         self.trials: dict[str, dict[str, Any]] = {}
-        self.epochs: dict[tuple[str, int], dict[str, Any]] = {}
-        self.checkpoints: dict[str, dict[int, str]] = {}
+        self.epochs: dict[str, dict[int, dict[str, Any]]] = {}  # trial_id -> epoch -> row
+        self.configs: dict[str, dict[str, Any]] = {}  # trial_id -> its validated config
+        self.checkpoints: dict[str, str] = {}  # trial_id -> its latest checkpoint
+        self.restored = False  # rows restored from the checkpoints after setup
+        self.dirty = False
         self.last_flush = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment state; the rows live in the Parquet files.
         state = dict(self.__dict__)
-        state.update(trials={}, epochs={}, checkpoints={})
+        state.update(trials={}, epochs={}, configs={}, checkpoints={})
         return state
 
     def setup(self, *args: Any, **info: Any) -> None:
@@ -49,13 +60,24 @@ class ResultsWriter(tune.Callback):
             for row in run.read_table(TRIALS_FILE).to_pylist():
                 self.trials[row["trial_id"]] = row
                 if row["checkpoint_path"]:
-                    self.checkpoints[row["trial_id"]] = {row["best_epoch"]: row["checkpoint_path"]}
+                    self.checkpoints[row["trial_id"]] = row["checkpoint_path"]
         if run.exists(EPOCHS_FILE):
             for row in run.read_table(EPOCHS_FILE).to_pylist():
-                self.epochs[row["trial_id"], row["epoch"]] = row
+                self.epochs.setdefault(row["trial_id"], {})[row["epoch"]] = row
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.restored:
+            return
+        self.restored = True  # once, after setup: a resumed search's trials all restore
+        for trial in trials:
+            if self._restore_rows(trial):
+                self._update(trial, self.trials.get(trial.trial_id, {}).get("status")
+                             or str(trial.status))
+        self.flush_if_dirty()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
+        self._restore_rows(trial)
         self._update(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
@@ -64,20 +86,19 @@ class ResultsWriter(tune.Callback):
             self._update(trial, "ERROR", error=result["diverged"])
             self.flush()
             return
-        row = {key: result.get(key) for key in epochs_schema().names}
+        row = {key: result.get(key) for key in EPOCH_COLUMNS}
         row["trial_id"] = trial.trial_id
-        self.epochs[trial.trial_id, int(result["epoch"])] = row
+        self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
         self._update(trial, "RUNNING")
         if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
             self.flush()
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial,
                       checkpoint: tune.Checkpoint, **info: Any) -> None:
-        epoch = int(trial.last_result.get("epoch", 0))
-        path = checkpoint.path
-        if "://" in self.run_uri:
-            path = f"{self.run_uri.split('://', 1)[0]}://{path}"
-        self.checkpoints.setdefault(trial.trial_id, {})[epoch] = path
+        # Every checkpoint holds the best epoch's weights so far, and Tune keeps the latest.
+        self.checkpoints[trial.trial_id] = self._uri(checkpoint.path)
+        self.trials.setdefault(trial.trial_id, {"trial_id": trial.trial_id, "error": None})[
+            "checkpoint_path"] = self.checkpoints[trial.trial_id]
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
@@ -93,37 +114,71 @@ class ResultsWriter(tune.Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
 
+    def _uri(self, path: str) -> str:
+        if "://" in self.run_uri:
+            return f"{self.run_uri.split('://', 1)[0]}://{path}"
+        return path
+
+    def _restore_rows(self, trial: Trial) -> bool:
+        """Add the rows of the trial's latest checkpoint that the files lack; True if the
+        trial has a checkpoint."""
+        checkpoint = trial.checkpoint
+        if checkpoint is None:
+            return False
+        self.checkpoints[trial.trial_id] = self._uri(checkpoint.path)
+        known = self.epochs.setdefault(trial.trial_id, {})
+        saved = trial.latest_checkpoint_result
+        if saved is not None and int(saved.metrics.get("epoch", 0)) <= max(known, default=0):
+            return True
+        where = posixpath.join(checkpoint.path, TRIAL_EPOCHS_FILE)
+        assert checkpoint.filesystem is not None  # a Tune checkpoint always has one
+        with checkpoint.filesystem.open_input_stream(where) as f:
+            rows = parse_trial_epochs(f.read().decode(), self._uri(where))
+        for row in rows:
+            if int(row["epoch"]) not in known:
+                known[int(row["epoch"])] = {**{key: row.get(key) for key in EPOCH_COLUMNS},
+                                            "trial_id": trial.trial_id}
+                self.dirty = True
+        return True
+
+    def _config(self, trial: Trial) -> dict[str, Any]:
+        if trial.trial_id not in self.configs:
+            self.configs[trial.trial_id] = TrainConfig.from_dict(trial.config).to_dict()
+        return self.configs[trial.trial_id]
+
     def _update(self, trial: Trial, status: str, error: str | None = None) -> None:
         row = self.trials.get(trial.trial_id) or {"trial_id": trial.trial_id, "error": None}
-        cfg = TrainConfig.from_dict(trial.config)
-        row.update(cfg.to_dict())
-        row.update(status=status, gpu_fraction=self.gpu_fraction, cpu_count=self.cpu_count)
+        config = self._config(trial)
+        row.update(config)
+        row.update(status=status, gpu_fraction=self.gpu_fraction, cpu_count=self.cpu_count,
+                   checkpoint_path=self.checkpoints.get(trial.trial_id))
         if error is not None:
             row["error"] = error
-        epochs = sorted((e, r) for (tid, e), r in self.epochs.items() if tid == trial.trial_id)
+        epochs = self.epochs.get(trial.trial_id)
         if epochs:
-            row.update(self._summary(trial.trial_id, [r for _, r in epochs], cfg.epochs))
+            row.update(self._summary(epochs, config["epochs"]))
         last = trial.last_result or {}
         if "time_total_s" in last:
             row["wall_time_s"] = float(last["time_total_s"])
             row["gpu_hours"] = row["wall_time_s"] * self.gpu_fraction / 3600
         self.trials[trial.trial_id] = row
+        self.dirty = True
 
-    def _summary(self, trial_id: str, epochs: list[dict[str, Any]], budget: int
-                 ) -> dict[str, Any]:
-        sign = 1 if self.mode == "max" else -1
-        scored = [r for r in epochs if r[self.metric] is not None
-                  and math.isfinite(r[self.metric])] or epochs
-        best = max(scored, key=lambda r: (sign * r[self.metric], -r["epoch"]))
-        # Ray keeps the latest of equally good checkpoints; all hold the best weights.
-        tied = [r["epoch"] for r in scored if r[self.metric] == best[self.metric]]
-        saved = self.checkpoints.get(trial_id, {})
-        path = next((saved[e] for e in sorted(tied, reverse=True) if e in saved), None)
-        return {"best_metric": best[self.metric], "best_epoch": best["epoch"],
-                "best_val_acc": best["val_acc"], "best_val_loss": best["val_loss"],
-                "last_val_acc": epochs[-1]["val_acc"], "epochs_run": epochs[-1]["epoch"],
-                "stopped_early": epochs[-1]["epoch"] < budget, "node_id": epochs[-1]["node_id"],
-                "checkpoint_path": path}
+    def _summary(self, epochs: dict[int, dict[str, Any]], budget: int) -> dict[str, Any]:
+        last = epochs[max(epochs)]
+        best = best_epoch_row(epochs.values(), self.metric, self.mode)
+        summary = {"last_val_acc": last["val_acc"], "epochs_run": last["epoch"],
+                   "stopped_early": last["epoch"] < budget, "node_id": last["node_id"],
+                   "best_metric": None, "best_epoch": None, "best_val_acc": None,
+                   "best_val_loss": None}
+        if best is not None:
+            summary.update(best_metric=best[self.metric], best_epoch=best["epoch"],
+                           best_val_acc=best["val_acc"], best_val_loss=best["val_loss"])
+        return summary
+
+    def flush_if_dirty(self) -> None:
+        if self.dirty:
+            self.flush()
 
     def flush(self) -> None:
         run = RunDir.open(self.run_uri)
@@ -133,9 +188,11 @@ class ResultsWriter(tune.Callback):
             if row["status"] != "TERMINATED":
                 row["stopped_early"] = False
         run.write_table(TRIALS_FILE, pa.Table.from_pylist(rows, schema=schema))
-        epochs = [self.epochs[key] for key in sorted(self.epochs)]
+        epochs = [self.epochs[trial_id][epoch] for trial_id in sorted(self.epochs)
+                  for epoch in sorted(self.epochs[trial_id])]
         run.write_table(EPOCHS_FILE, pa.Table.from_pylist(epochs, schema=epochs_schema()))
         self.last_flush = time.monotonic()
+        self.dirty = False
 
 
 def _error_line(trial: Trial) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
 from trainable.errors import UserError
-from trainable.saved import MODEL_FILE, save_model_dir
+from trainable.saved import MODEL_FILE, MODEL_ONNX_FILE, save_model_dir
 from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
 
 
@@ -41,8 +41,8 @@ def train_command(config_file: str | None, overrides: dict[str, Any], output: st
         print_epoch(metrics, cfg.epochs)
 
     result = fit(cfg, report, data=data, device=device)
-    metrics: dict[str, Any] = {"best_epoch": result.best_epoch,
-                               "best_val_acc": result.best_val_acc, "test_acc": None,
+    metrics: dict[str, Any] = {"metric": cfg.metric, "best_epoch": result.best_epoch,
+                               "best": result.best, "test_acc": None,
                                "class_names": data.class_names, "history": result.history}
     if data.test is not None:
         rt = Runtime.for_config(cfg, device)
@@ -51,9 +51,12 @@ def train_command(config_file: str | None, overrides: dict[str, Any], output: st
     save_model_dir(out, cfg, result.model, metrics)
     if onnx:
         from trainable.export import export_onnx
+        from trainable.model import ImageClassifier
 
-        export_onnx(result.model, cfg.resolution, out / "model.onnx")
-    score = (f"test_acc {metrics['test_acc']:.4f}" if metrics["test_acc"] is not None
-             else f"val_acc {result.best_val_acc:.4f} (no test split)")
-    print(f"best epoch {result.best_epoch}: val_acc {result.best_val_acc:.4f}; {score}; "
-          f"model in {out}/")
+        export_onnx(ImageClassifier(result.model, cfg.resolution), cfg.resolution,
+                    out / MODEL_ONNX_FILE, "logits")
+    test = (f"test_acc {metrics['test_acc']:.4f}" if metrics["test_acc"] is not None
+            else "no test split")
+    best = result.best
+    print(f"best epoch by {cfg.metric}: {result.best_epoch} (val_acc {best.get('val_acc', 0):.4f}, "
+          f"val_loss {best.get('val_loss', float('nan')):.4f}); {test}; model in {out}/")

@@ -26,11 +26,11 @@ from trainable.config import (
     unknown_key_message,
 )
 from trainable.errors import UserError
+from trainable.ranking import METRIC_MODES, metric_mode
 
 SHIPPED_DIR = Path(__file__).parent
 SAMPLERS = ("tpe", "cmaes", "random", "qmc", "gp")
 SCHEDULERS = ("asha", "fifo")
-METRICS = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 TOP_KEYS = ("metric", "mode", "sampler", "scheduler", "fixed", "search", "resources")
 SCHEDULER_KEYS = {"name": str, "max_epochs": int, "grace_period": int, "reduction_factor": float}
 RESOURCE_KEYS = {"gpus_per_trial": float, "cpus_per_trial": float, "max_concurrent": int}
@@ -63,13 +63,21 @@ class Scheduler:
 class SearchSpace:
     source: str  # the file it came from, for messages and the run's metadata
     text: str
-    metric: str = "val_acc"
-    mode: str = "max"
     sampler: str = "tpe"
     scheduler: Scheduler = Scheduler()
     fixed: dict[str, Any] = field(default_factory=dict)
     params: tuple[Param, ...] = ()
     resources: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        """The search metric: a config key (`metric`) of every trial, so that `fit`, the
+        results and best.yaml all rank epochs by it."""
+        return str(self.fixed.get("metric", "val_acc"))
+
+    @property
+    def mode(self) -> str:
+        return metric_mode(self.metric)
 
     def replace(self, *, sampler: str | None = None, scheduler: dict[str, Any] | None = None,
                 fixed: dict[str, Any] | None = None) -> SearchSpace:
@@ -162,21 +170,25 @@ def parse_space(text: str, src: str) -> SearchSpace:
         if key not in TOP_KEYS:
             raise UserError(f"{src}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
     metric = values.get("metric", "val_acc")
-    _check_choice(src, "metric", metric, tuple(METRICS))
-    mode = values.get("mode", METRICS[metric])
-    _check_choice(src, "mode", mode, ("max", "min"))
+    _check_choice(src, "metric", metric, tuple(METRIC_MODES))
+    if values.get("mode", metric_mode(metric)) != metric_mode(metric):
+        raise UserError(f"{src}: key 'mode' must be {metric_mode(metric)} for metric {metric} "
+                        "(or left out)")
     sampler = values.get("sampler", "tpe")
     _check_choice(src, "sampler", sampler, SAMPLERS)
     scheduler = _scheduler(src, _mapping(src, "scheduler", values.get("scheduler", {})))
-    fixed = _fixed(src, _mapping(src, "fixed", values.get("fixed", {})), scheduler)
+    fixed = _mapping(src, "fixed", values.get("fixed", {}))
+    if fixed.get("metric", metric) != metric:
+        raise UserError(f"{src}: key 'fixed.metric' ({fixed['metric']}) differs from 'metric' "
+                        f"({metric}); keep one")
+    fixed = _fixed(src, {**fixed, "metric": metric}, scheduler)
     search = _mapping(src, "search", values.get("search", {}))
     params = _order(src, [_param(src, name, spec, fixed) for name, spec in search.items()])
     for param in params:
         if param.name in fixed:
             raise UserError(f"{src}: key 'search.{param.name}' is also in 'fixed'; keep one")
     resources = _typed_mapping(src, "resources", values.get("resources", {}), RESOURCE_KEYS)
-    return SearchSpace(src, text, metric, mode, sampler, scheduler, fixed, tuple(params),
-                       resources)
+    return SearchSpace(src, text, sampler, scheduler, fixed, tuple(params), resources)
 
 
 def _mapping(src: str, key: str, value: Any) -> dict[str, Any]:
@@ -241,9 +253,9 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
     where = f"{src}: key 'search.{name}'"
     if name not in field_names():
         raise UserError(f"{src}: search: {unknown_key_message(name)}")
-    if name in ("data", "resolution", "epochs"):
+    if name in ("data", "resolution", "epochs", "metric"):
         raise UserError(f"{where} cannot be searched: it is fixed for the whole search "
-                        "(--data, fixed.resolution, scheduler.max_epochs)")
+                        "(--data, fixed.resolution, scheduler.max_epochs, metric)")
     if not isinstance(spec, dict):
         raise UserError(f"{where} must be a mapping with 'type', got {spec!r}")
     kind = spec.get("type")

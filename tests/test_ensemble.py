@@ -15,19 +15,12 @@ import sklearn.linear_model
 import torch
 
 from search.cli import main
-from search.ensemble import (
-    MajorityVote,
-    MeanProbabilities,
-    SplitProbs,
-    combine,
-    ensemble_command,
-    fit_stack,
-    load_ensemble_dir,
-    stacked_module,
-)
+from search.ensemble import SplitProbs, combine, ensemble_command, fit_stack, stacked_module
 from search.rundir import ENSEMBLE_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
 from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset
+from trainable.fusion import MajorityVote, MeanProbabilities
+from trainable.saved import load_ensemble_dir
 from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
 
 # (trial_id, search metric, config changes): members differ in resolution and stem.

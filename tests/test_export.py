@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from search.cli import main
-from trainable.export import ImageClassifier
+from trainable.model import ImageClassifier
 from trainable.saved import load_model_dir
 
 

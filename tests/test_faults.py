@@ -61,8 +61,7 @@ def test_a_diverging_trial_reports_its_reason_instead_of_raising(
     monkeypatch.setattr(tune_adapter, "fit", diverge)
     monkeypatch.setattr(tune_adapter.tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(tune_adapter.tune, "report", lambda metrics, **_: reports.append(metrics))
-    tune_adapter.train_trial({"weights": "none"}, data=None, metric="val_acc",  # type: ignore
-                             mode="max")
+    tune_adapter.train_trial({"weights": "none"}, data=None)  # type: ignore[arg-type]
     assert reports[-1]["diverged"] == "training loss became nan in epoch 1 (lr 10)"
 
 

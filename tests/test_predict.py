@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 from search.cli import main
-from search.ensemble import EnsembleSpec, save_ensemble_dir
-from search.predict import load_predictor, predict_command
+from search.predict import predict_command
 from tests.conftest import COLOURS, tiny_dataset
 from trainable import TrainConfig, UserError, fit
 from trainable.data import decode_image
-from trainable.saved import load_checkpoint_dir, save_model_dir
+from trainable.fusion import EnsembleSpec
+from trainable.saved import load_checkpoint_dir, load_classifier, save_ensemble_dir, save_model_dir
 from trainable.train import SaveCheckpoint
 
 
@@ -101,7 +101,7 @@ def test_ensemble_and_checkpoint_directories(images: Path, tmp_path: Path) -> No
     rows = {row["image"]: row for row in read_rows(out)}
     assert len(rows) == 4
     red = torch.from_numpy(decode_image(images / "red.png", 16))[None].float() / 255
-    members = [load_predictor(tmp_path / t) for t in spec.trial_ids]  # checkpoint dirs
+    members = [load_classifier(tmp_path / t) for t in spec.trial_ids]  # checkpoint dirs
     with torch.no_grad():
         expected = (members[0].module(red) + members[1].module(red)) / 2
     assert [float(rows["red.png"][c]) for c in spec.class_names] == pytest.approx(

@@ -55,7 +55,10 @@ class TrainConfig:
     epochs: int = _field(10, "training epochs", 1, 100_000)
     batch_size: int = _field(64, "images per step (per micro-batch with accumulation)", 1, 65_536)
     accumulate_steps: int = _field(1, "micro-batches per optimizer step", 1, 1024)
-    early_stop_patience: int = _field(0, "stop after this many epochs without a better val_acc "
+    metric: Literal["val_acc", "val_loss", "train_loss"] = _field(
+        "val_acc", "what 'best' means: the epoch with the best value (the highest val_acc, the "
+        "lowest loss) gives the kept weights, ends early stopping's wait and ranks a trial")
+    early_stop_patience: int = _field(0, "stop after this many epochs without a better metric "
                                       "(0 = off)", 0, 100_000)
     # Regularisation and augmentation.
     label_smoothing: float = _field(0.1, "label smoothing of the soft targets", 0.0, 1.0,

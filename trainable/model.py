@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
+from trainable.augment import IMAGENET_MEAN, IMAGENET_STD
 from trainable.config import TrainConfig
 from trainable.errors import UserError
 
@@ -33,6 +35,24 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
         param.requires_grad_(stage_distance(name) <= cfg.unfreeze_depth
                              or (cfg.stem == "cifar" and name.startswith("conv1.")))
     return model
+
+
+class ImageClassifier(nn.Module):
+    """RGB images as float in [0, 1], any square size -> logits: resize, normalise, model."""
+
+    def __init__(self, model: nn.Module, resolution: int):
+        super().__init__()
+        self.model, self.resolution = model, resolution
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
+            images = F.interpolate(images, size=(self.resolution, self.resolution),
+                                   mode="bilinear", antialias=True, align_corners=False)
+        return self.model((images - self.mean) / self.std)
 
 
 def stage_distance(param_name: str) -> int:

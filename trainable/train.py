@@ -31,10 +31,10 @@ from trainable.config import TrainConfig
 from trainable.data import Dataset, Split, load_dataset
 from trainable.errors import UserError
 from trainable.model import build_model, build_optimizer, set_train_mode
+from trainable.ranking import best_epoch_row, is_better, metric_mode
+from trainable.saved import read_checkpoint, write_checkpoint
 from trainable.schedule import lr_factor
 
-CHECKPOINT_FILE = "checkpoint.pt"
-CONFIG_FILE = "config.yaml"
 # A split up to this size lives on the GPU as uint8; larger ones are gathered per batch on
 # the host and copied asynchronously from pinned memory.
 DEVICE_RESIDENT_MAX_BYTES = 2 * 2**30
@@ -50,10 +50,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FitResult:
-    model: nn.Module  # with the weights of the best epoch
+    model: nn.Module  # with the weights of the best epoch by cfg.metric
     history: list[dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0
-    best_val_acc: float = 0.0
+    best_epoch: int = 0  # 0 until an epoch has a finite value of cfg.metric
+
+    @property
+    def best(self) -> dict[str, float]:
+        """The metrics of the best epoch (empty before there is one)."""
+        return self.history[self.best_epoch - 1] if self.best_epoch else {}
 
 
 @dataclass
@@ -136,39 +140,40 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
     train, val = DeviceImages(data.train, rt.device), DeviceImages(data.val, rt.device)
     result = FitResult(model)
+    mode = metric_mode(cfg.metric)
     best_state = copy.deepcopy(model.state_dict())
     start_epoch = 0
     if resume_from is not None:
-        state = torch.load(Path(resume_from) / CHECKPOINT_FILE, map_location=rt.device,
-                           weights_only=True)
+        state = read_checkpoint(Path(resume_from), map_location=rt.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        best_state = state["best_model"]
-        start_epoch, result.best_epoch, result.best_val_acc = (
-            state["epoch"], state["best_epoch"], state["best_val_acc"])
+        best_state, start_epoch, result.history = (
+            state["best_model"], state["epoch"], list(state["history"]))
+        best = best_epoch_row(result.history, cfg.metric, mode)
+        result.best_epoch = int(best["epoch"]) if best else 0
 
     def save_checkpoint(directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "best_model": best_state,
-                    "epoch": epoch + 1, "best_epoch": result.best_epoch,
-                    "best_val_acc": result.best_val_acc, "class_names": data.class_names},
-                   directory / CHECKPOINT_FILE)
-        cfg.to_yaml(directory / CONFIG_FILE)
+        write_checkpoint(directory, cfg, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "best_model": best_state, "epoch": epoch + 1,
+            "history": result.history,
+            "class_names": data.class_names})
 
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train, cfg,
                                                        rt, epoch, data)
         val_loss, val_acc = evaluate(forward, val, rt, 2 * cfg.batch_size)
-        if val_acc > result.best_val_acc or epoch == 0:
-            result.best_epoch, result.best_val_acc = epoch + 1, val_acc
-            best_state = copy.deepcopy(model.state_dict())
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
                    "epoch_time_s": time.perf_counter() - start}
-        result.history.append(metrics)
+        if is_better(metrics[cfg.metric], result.best.get(cfg.metric), mode):
+            best_state = copy.deepcopy(model.state_dict())
+            result.history.append(metrics)
+            result.best_epoch = epoch + 1
+        else:
+            result.history.append(metrics)
         if report is not None:
             report(metrics, save_checkpoint)
         patience = cfg.early_stop_patience

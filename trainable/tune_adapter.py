@@ -1,14 +1,14 @@
 """The thin Ray Tune adapter around `fit`: the only module of trainable/ that imports Ray.
 
-Each epoch's metrics go to `tune.report` with a checkpoint; the running best of the search
+Each epoch's metrics go to `tune.report` with a checkpoint. The running best of the search
 metric is reported too (`best_<metric>`), because OptunaSearch tells the sampler the value
-of a trial's last result, and ASHA should rank a trial by the best it has reached.
+of a trial's last result, and ASHA should rank a trial by the best it has reached. Every
+row reported so far is saved beside the checkpoint (epochs.json), so the results writer can
+restore rows that a killed driver never wrote.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -20,36 +20,40 @@ from ray import tune
 
 from trainable.config import TrainConfig
 from trainable.data import Dataset
+from trainable.ranking import best_epoch_row, metric_mode
+from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs, write_trial_epochs
 from trainable.train import SaveCheckpoint, TrainingDiverged, fit
-
-SEARCH_STATE_FILE = "search_state.json"  # the running best, saved beside each checkpoint
 
 
 def objective_name(metric: str) -> str:
     return f"best_{metric}"
 
 
-def train_trial(config: dict[str, Any], data: Dataset, metric: str, mode: str) -> None:
+def train_trial(config: dict[str, Any], data: Dataset) -> None:
     """A Tune function trainable; `data` arrives once per node through the object store."""
     cfg = TrainConfig.from_dict(config)
+    metric, objective = cfg.metric, objective_name(cfg.metric)
     node_id = ray.get_runtime_context().get_node_id()
     # Ray hides the GPUs a trial was not given; a fake GPU (a CPU-only node that declares
     # one) has nothing behind it, so fall back to the CPU.
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    better = max if mode == "max" else min
-    state = {"best": math.nan, "epoch_start": time.time(), "epoch": 0.0}
+    rows: list[dict[str, Any]] = []
+    epoch_start = time.time()
+
+    def running_best() -> float:
+        best = best_epoch_row(rows, metric, metric_mode(metric))
+        return best[metric] if best else float("nan")
 
     def report(metrics: dict[str, float], save_checkpoint: SaveCheckpoint) -> None:
-        value = metrics[metric]
-        state["best"] = value if math.isnan(state["best"]) else better(state["best"], value)
-        end, state["epoch"] = time.time(), metrics["epoch"]
+        nonlocal epoch_start
+        rows.append({**metrics, "node_id": node_id, "start_time": epoch_start,
+                     "end_time": time.time()})
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory))
-            (Path(directory) / SEARCH_STATE_FILE).write_text(json.dumps({"best": state["best"]}))
-            tune.report({**metrics, objective_name(metric): state["best"], "node_id": node_id,
-                         "start_time": state["epoch_start"], "end_time": end},
+            write_trial_epochs(Path(directory), rows)
+            tune.report({**rows[-1], objective: running_best()},
                         checkpoint=tune.Checkpoint.from_directory(directory))
-        state["epoch_start"] = time.time()
+        epoch_start = time.time()
 
     checkpoint = tune.get_checkpoint()
     try:
@@ -57,12 +61,13 @@ def train_trial(config: dict[str, Any], data: Dataset, metric: str, mode: str) -
             fit(cfg, report, data=data, device=device)
             return
         with checkpoint.as_directory() as directory:
-            state["best"] = json.loads((Path(directory) / SEARCH_STATE_FILE).read_text())["best"]
+            path = Path(directory) / TRIAL_EPOCHS_FILE
+            rows.extend(parse_trial_epochs(path.read_text(), str(path)))
             fit(cfg, report, data=data, device=device, resume_from=Path(directory))
     except TrainingDiverged as e:
         # Report instead of raising: Tune would retry a raised error (FailureConfig), and
         # the same config diverges again. The results writer marks the trial failed.
-        tune.report({"diverged": str(e), "epoch": state["epoch"] + 1,
-                     objective_name(metric): state["best"],
-                     "node_id": node_id, "start_time": state["epoch_start"],
-                     "end_time": time.time()})
+        last = rows[-1]["epoch"] if rows else 0
+        tune.report({"diverged": str(e), "epoch": last + 1, objective: running_best(),
+                     "node_id": node_id, "start_time": epoch_start, "end_time": time.time()})
+
