@@ -1,10 +1,12 @@
 """A Tune callback that keeps trials.parquet and epochs.parquet current as trials report.
 
-Both files are replaced atomically, after every finished trial and at most every
-FLUSH_EVERY_S seconds in between, so a killed search leaves valid files. No reported epoch
-is lost to a kill between two flushes: every trial checkpoint carries the rows its trial
-has reported (epochs.json), and on `--resume` (or when a trial restarts from a checkpoint)
-the writer restores the rows it lacks from there. An epoch reported again (a trial resumed
+Both files are replaced atomically at most every FLUSH_EVERY_S seconds while anything
+changed, and when the search ends, so a killed search leaves valid files. A flush rewrites
+both files whole, so flushing at every finished trial would cost the driver time quadratic
+in the size of the search. No reported epoch is lost to a kill between two flushes: every
+trial checkpoint carries the rows its trial has reported (epochs.json), and on `--resume`
+(or when a trial restarts from a checkpoint) the writer restores the rows it lacks from
+there. An epoch reported again (a trial resumed
 from an older checkpoint) replaces its earlier row instead of duplicating it.
 
 The bookkeeping per result is constant: rows are indexed by trial, and a trial's config is
@@ -71,9 +73,13 @@ class ResultsWriter(tune.Callback):
         self.restored = True  # once, after setup: a resumed search's trials all restore
         for trial in trials:
             if self._restore_rows(trial):
-                self._update(trial, self.trials.get(trial.trial_id, {}).get("status")
-                             or str(trial.status))
-        self.flush_if_dirty()
+                known = self.trials.get(trial.trial_id, {}).get("status")
+                self._update(trial, "ERROR" if known == "ERROR" else str(trial.status))
+        self.flush()
+
+    def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if self.dirty and time.monotonic() - self.last_flush > FLUSH_EVERY_S:
+            self.flush()
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
@@ -84,14 +90,11 @@ class ResultsWriter(tune.Callback):
                         result: dict[str, Any], **info: Any) -> None:
         if "diverged" in result:
             self._update(trial, "ERROR", error=result["diverged"])
-            self.flush()
             return
         row = {key: result.get(key) for key in EPOCH_COLUMNS}
         row["trial_id"] = trial.trial_id
         self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
         self._update(trial, "RUNNING")
-        if time.monotonic() - self.last_flush > FLUSH_EVERY_S:
-            self.flush()
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial,
                       checkpoint: tune.Checkpoint, **info: Any) -> None:
@@ -104,12 +107,10 @@ class ResultsWriter(tune.Callback):
                           **info: Any) -> None:
         if self.trials.get(trial.trial_id, {}).get("status") != "ERROR":  # diverged stays
             self._update(trial, "TERMINATED")
-        self.flush()
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         self._update(trial, "ERROR", error=_error_line(trial))
-        self.flush()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
@@ -175,10 +176,6 @@ class ResultsWriter(tune.Callback):
             summary.update(best_metric=best[self.metric], best_epoch=best["epoch"],
                            best_val_acc=best["val_acc"], best_val_loss=best["val_loss"])
         return summary
-
-    def flush_if_dirty(self) -> None:
-        if self.dirty:
-            self.flush()
 
     def flush(self) -> None:
         run = RunDir.open(self.run_uri)

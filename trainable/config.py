@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,7 +83,7 @@ class TrainConfig:
     seed: int = _field(0, "seed of initialisation, batch order and augmentation", 0, 2**31 - 1)
 
     def __post_init__(self) -> None:
-        hints = get_type_hints(type(self))
+        hints = type_hints()
         for f in dataclasses.fields(self):
             setattr(self, f.name, _cast(f.name, getattr(self, f.name), hints[f.name]))
             _check_range(f.name, getattr(self, f.name))
@@ -127,9 +128,15 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+@functools.cache
+def type_hints() -> dict[str, Any]:
+    """TrainConfig's field types, resolved once (the annotations are strings)."""
+    return get_type_hints(TrainConfig)
+
+
 def field_type(name: str) -> Any:
     """The Python type of a field: int, float, bool, str or a Literal of its choices."""
-    return get_type_hints(TrainConfig)[name]
+    return type_hints()[name]
 
 
 def field_choices(name: str) -> tuple[str, ...] | None:
