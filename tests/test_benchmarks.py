@@ -49,6 +49,13 @@ def test_packing_runs_concurrent_trial_processes() -> None:
     assert re.fullmatch(r"ratio \(2 trials vs 1\): \d+\.\d\d", lines[-1])
 
 
+def test_results_writer_replay_prints_a_growth() -> None:
+    lines = run_script("results_writer.py", "--trials", "20", "--epochs", "5")
+    assert re.fullmatch(r"growth: \d+\.\d\d", lines[-1])
+    assert float(lines[-1].split()[1]) > 0
+    assert any(line.startswith("final flush (100 epoch rows, 20 trials)") for line in lines)
+
+
 def test_benchmarks_and_trainable_import_neither_ray_nor_optuna() -> None:
     """The GPU machines that run the benchmarks have no Ray, Optuna or project install."""
     check = ("import sys; "
