@@ -130,8 +130,8 @@ def main() -> None:
             searched = test_acc(command, Path(tmp, f"{name}-best"))
             no_flip = test_acc(command, Path(tmp, f"{name}-none"), "--flip", "none")
             flip = test_acc(command, Path(tmp, f"{name}-horizontal"), "--flip", "horizontal")
-            line = (f"{name}: search {minutes:.1f} min; best trial flip={best['flip']} "
-                    f"crop={best['crop']}; test_acc retrained {searched:.4f}, "
+            line = (f"{name}: search {minutes:.1f} min; {best_out.splitlines()[0]}; flip="
+                    f"{best['flip']} crop={best['crop']}; test_acc retrained {searched:.4f}, "
                     f"--flip none {no_flip:.4f}, --flip horizontal {flip:.4f}")
             print(line, flush=True)
             lines.append(line)

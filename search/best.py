@@ -62,6 +62,17 @@ def trial_config(trial: Trial, source: str) -> TrainConfig:
     return TrainConfig.from_dict(values, source=f"{source} trial {trial['trial_id']}")
 
 
+def still_improving_note(trial: Trial) -> str | None:
+    """One line when the trial was best at the last epoch of its full budget: it may gain
+    from more epochs, which the search and the retrain command would not give it."""
+    budget = trial.get("epochs")
+    if trial.get("best_epoch") != budget or trial.get("epochs_run") != budget:
+        return None
+    return (f"note: trial {trial['trial_id']} was best at its last epoch ({budget} of "
+            f"{budget}), so more epochs may help: search with --max-epochs {2 * budget}, or "
+            f"retrain with --epochs {2 * budget}")
+
+
 def retrain_epochs(trial: Trial, cfg: TrainConfig) -> int:
     """The epoch at which the trial was best; never shorter than its warmup, which
     TrainConfig requires to fit in the epochs."""
@@ -115,6 +126,9 @@ def best_command(run_uri: str, output: str | None) -> None:
           f"{trial['best_metric']:.4f} at epoch {trial['best_epoch']} "
           f"(ran {trial['epochs_run']} of {cfg.epochs} epochs)")
     print(f"config: {config_path}")
+    note = still_improving_note(trial)
+    if note:
+        print(note)
     if epochs != trial["best_epoch"]:
         print(f"note: --epochs {epochs}, not {trial['best_epoch']}: the warmup "
               f"({cfg.warmup_epochs:g} epochs) must fit in the epochs")

@@ -249,7 +249,7 @@ def run_search(request: SearchRequest, resume: bool) -> None:
 
 
 def print_summary(run: RunDir) -> None:
-    from search.best import SearchRun
+    from search.best import SearchRun, still_improving_note
 
     search = SearchRun.open(run.uri)
     rows = search.trials
@@ -264,6 +264,9 @@ def print_summary(run: RunDir) -> None:
     best = search.ranked[0]
     print(f"best trial {best['trial_id']}: {search.metric} {best['best_metric']:.4f} at "
           f"epoch {best['best_epoch']} of {best['epochs_run']}")
+    note = still_improving_note(best)
+    if note:
+        print(note)
     for name in search.info["searched"]:
         value = best[name]
         print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")

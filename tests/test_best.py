@@ -125,3 +125,25 @@ def test_printed_command_retrains_the_best_trials_config(
     for key, value in retrained.items():
         expected = trial["best_epoch"] if key == "epochs" else trial[key]
         assert value == expected, key
+
+
+def test_a_best_trial_still_improving_at_its_last_epoch_is_noted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.driver import print_summary
+
+    peaked_late = make_run(tmp_path / "late", [(config(lr=0.1), "t-late", 0.9, 6, 6, False),
+                                               (config(lr=0.02), "t-early", 0.8, 2, 6, False)])
+    note = ("note: trial t-late was best at its last epoch (6 of 6), so more epochs may help: "
+            "search with --max-epochs 12, or retrain with --epochs 12")
+    lines = best_output(capsys, str(peaked_late))
+    assert note in lines
+    assert lines[-1].startswith("resnet-hpo train --config") and "--epochs 6" in lines[-1]
+    print_summary(RunDir.open(peaked_late))
+    main(["results", str(peaked_late)])
+    assert capsys.readouterr().out.count(note) == 2
+
+    peaked_early = make_run(tmp_path / "early", [(config(lr=0.1), "t0", 0.9, 4, 6, False)])
+    print_summary(RunDir.open(peaked_early))
+    main(["results", str(peaked_early)])
+    assert "note: trial" not in capsys.readouterr().out + "\n".join(
+        best_output(capsys, str(peaked_early)))
