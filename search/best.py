@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import posixpath
 import shlex
@@ -138,19 +137,3 @@ def best_command(run_uri: str, output: str | None) -> None:
                "--output", model_dir(run)]
     print("retrain it with:")
     print(shlex.join(command))
-
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "best", help="write the best trial's config and print the command that retrains it",
-        description="Pick the best trial by the search metric at its best epoch, write its "
-                    "full config to RUN/best.yaml and print the `resnet-hpo train` command "
-                    "that retrains it for the epochs at which it was best.")
-    parser.add_argument("run_dir", metavar="RUN", help="run directory of a search (STORAGE/NAME)")
-    parser.add_argument("--output", metavar="FILE",
-                        help=f"write the config here instead of RUN/{BEST_FILE}")
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    best_command(args.run_dir, args.output)

@@ -1,19 +1,25 @@
-"""`resnet-hpo`: the command line. Flags for hyperparameters are generated from TrainConfig."""
+"""`resnet-hpo`: the command line. Flags for hyperparameters are generated from TrainConfig.
+
+Every subcommand's parser is defined here, and its module (which may import torch, Ray or
+Optuna) is imported only when it runs, so `--help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeAlias
 
-from search import best, ensemble, predict, report
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
 
-Command = Callable[[argparse.Namespace], None]
+ENSEMBLE_METHODS = ("average", "vote", "stack")  # trainable.fusion.make_combiner builds each
+DEVICE_HELP = "cuda, cuda:1 or cpu (default: cuda if available)"
+RUN_HELP = "run directory of a search (STORAGE/NAME)"
 
 
 def add_config_flags(parser: argparse.ArgumentParser, title: str = "hyperparameters (override "
@@ -44,6 +50,8 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, name, None) is not None}
 
 
+# --- what each subcommand runs -------------------------------------------------------------
+
 def _train(args: argparse.Namespace) -> None:
     from search.retrain import train_command
 
@@ -64,7 +72,51 @@ def _search(args: argparse.Namespace) -> None:
         run_search(request_from_args(args, fixed), resume=False)
 
 
-def add_search_parser(commands: Any) -> None:
+def _results(args: argparse.Namespace) -> None:
+    from search.report import results_command
+
+    results_command(args.run_dir, args.top)
+
+
+def _best(args: argparse.Namespace) -> None:
+    from search.best import best_command
+
+    best_command(args.run_dir, args.output)
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from search.ensemble import ensemble_command
+
+    ensemble_command(args.run_dir, args.top, args.method, args.output, onnx=args.onnx,
+                     device=args.device)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from search.predict import predict_command
+
+    predict_command(args.model_dir, args.images, args.output, args.probabilities,
+                    args.device, args.batch_size)
+
+
+# --- parsers -------------------------------------------------------------------------------
+
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def add_train_parser(commands: Subcommands) -> None:
+    train = commands.add_parser(
+        "train", help="train one model (e.g. the best config of a search) and test it",
+        description="Train ResNet18 with one configuration; writes config.yaml, model.pt and "
+                    "metrics.json (with the test accuracy when the data has a test split).")
+    train.add_argument("--config", help="YAML file of TrainConfig keys (e.g. RUN/best.yaml)")
+    train.add_argument("--output", help="directory for the model (default: runs/train-TIME)")
+    train.add_argument("--onnx", action="store_true", help="also export model.onnx")
+    train.add_argument("--device", help=DEVICE_HELP)
+    add_config_flags(train)
+    train.set_defaults(run=_train)
+
+
+def add_search_parser(commands: Subcommands) -> None:
     search = commands.add_parser(
         "search", help="search hyperparameters with Ray Tune, Optuna and ASHA",
         description="Run a hyperparameter search; results go to STORAGE/NAME (trials.parquet, "
@@ -97,35 +149,102 @@ def add_search_parser(commands: Any) -> None:
     search.set_defaults(run=_search)
 
 
+def add_results_parser(commands: Subcommands) -> None:
+    results = commands.add_parser(
+        "results", help="leaderboard, hyperparameter importances and plots of a search",
+        description="Print the best trials (at their best epoch), Optuna's fANOVA "
+                    "importances, GPU-hours and early stops; write PNG plots to RUN/plots/.")
+    results.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    results.add_argument("--top", type=int, default=10, metavar="K",
+                         help="trials in the table and learning curves (default: 10)")
+    results.set_defaults(run=_results)
+
+
+def add_best_parser(commands: Subcommands) -> None:
+    best = commands.add_parser(
+        "best", help="write the best trial's config and print the command that retrains it",
+        description="Pick the best trial by the search metric at its best epoch, write its "
+                    "full config to RUN/best.yaml and print the `resnet-hpo train` command "
+                    "that retrains it for the epochs at which it was best.")
+    best.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    best.add_argument("--output", metavar="FILE",
+                      help="write the config here instead of RUN/best.yaml")
+    best.set_defaults(run=_best)
+
+
+def add_ensemble_parser(commands: Subcommands) -> None:
+    ensemble = commands.add_parser(
+        "ensemble", help="combine the best trials of a search and evaluate the ensemble",
+        description="Load the best-epoch checkpoints of the top K trials, evaluate each and "
+                    "their ensemble on the validation split (and the test split when there "
+                    "is one), save the ensemble as one module and record the result in "
+                    "RUN/ensemble.json.")
+    ensemble.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    ensemble.add_argument("--top", type=int, default=3, metavar="K",
+                          help="members: the K best trials by the search metric (default 3)")
+    ensemble.add_argument("--method", choices=ENSEMBLE_METHODS, default="average",
+                          help="average the probabilities, majority vote, or stack with a "
+                               "logistic regression fitted on the validation split "
+                               "(default average)")
+    ensemble.add_argument("--output", metavar="DIR",
+                          help="directory for the ensemble (default: RUN/ensemble)")
+    ensemble.add_argument("--onnx", action="store_true", help="also export ensemble.onnx")
+    ensemble.add_argument("--device", help=DEVICE_HELP)
+    ensemble.set_defaults(run=_ensemble)
+
+
+def add_predict_parser(commands: Subcommands) -> None:
+    predict = commands.add_parser(
+        "predict", help="predict the classes of a folder of images into a CSV",
+        description="Classify every image under IMAGES with a model written by `resnet-hpo "
+                    "train` or an ensemble written by `resnet-hpo ensemble`; writes one CSV "
+                    "row per readable image: image, label, probability.")
+    predict.add_argument("model_dir", metavar="MODEL_DIR",
+                         help="model or ensemble directory (or a trial checkpoint)")
+    predict.add_argument("images", metavar="IMAGES", help="folder of images (sub-folders too)")
+    predict.add_argument("--output", default="predictions.csv", metavar="CSV",
+                         help="CSV file to write (default predictions.csv)")
+    predict.add_argument("--probabilities", action="store_true",
+                         help="add one column per class with its probability")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    predict.add_argument("--device", help=DEVICE_HELP)
+    predict.set_defaults(run=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-hpo",
         description="Hyperparameter search for fine-tuning ResNet18 (Ray Tune + Optuna + ASHA).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = commands.add_parser(
-        "train", help="train one model (e.g. the best config of a search) and test it",
-        description="Train ResNet18 with one configuration; writes config.yaml, model.pt and "
-                    "metrics.json (with the test accuracy when the data has a test split).")
-    train.add_argument("--config", help="YAML file of TrainConfig keys (e.g. RUN/best.yaml)")
-    train.add_argument("--output", help="directory for the model (default: runs/train-TIME)")
-    train.add_argument("--onnx", action="store_true", help="also export model.onnx")
-    train.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
-    add_config_flags(train)
-    train.set_defaults(run=_train)
-    add_search_parser(commands)
-    report.add_parser(commands)
-    best.add_parser(commands)
-    ensemble.add_parser(commands)
-    predict.add_parser(commands)
+    for add_parser in (add_train_parser, add_search_parser, add_results_parser,
+                       add_best_parser, add_ensemble_parser, add_predict_parser):
+        add_parser(commands)
     return parser
+
+
+# --- the process ---------------------------------------------------------------------------
+
+def configure_process() -> None:
+    """Everything process-wide the commands rely on, set here and nowhere in library code.
+    Idempotent, since tests call `main` many times in one process."""
+    import optuna
+
+    warnings.formatwarning = lambda message, category, *_: f"resnet-hpo: warning: {message}\n"
+    # Optuna logs every study it creates, and warns that samplers make_sampler builds on
+    # purpose (multivariate TPE with constant_liar, QMC, GP) are experimental.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Tune's own console output and result files: ProgressPrinter, ResultsWriter and
+    # TensorBoardWriter replace them. setdefault: a value the user exported wins.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["resnet-hpo", *argv])
-    warnings.formatwarning = lambda message, category, *_: f"resnet-hpo: warning: {message}\n"
+    configure_process()
     try:
         args.run(args)
     except UserError as e:

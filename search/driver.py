@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-import os
 import re
 import shlex
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +60,6 @@ def resolve_storage(storage: str) -> str:
 def make_sampler(name: str, seed: int) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
     if name == "tpe":  # constant_liar keeps parallel trials from sampling the same point
         return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                           constant_liar=True)
@@ -95,8 +90,6 @@ def trial_dirname(trial: Any) -> str:
 def start_ray(address: str | None) -> None:
     import ray
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # ours write the results
     if ray.is_initialized():
         return
     try:
@@ -207,6 +200,10 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
         build_trainable(request, data),
         tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=make_scheduler(space, objective),
+            # max_concurrent_trials also sets how many trials Tune keeps pending; without it
+            # a search algorithm gets one (TUNE_MAX_PENDING_TRIALS_PG=auto: Ray 2.60's
+            # tune_controller._get_max_pending_trials), so fractional-GPU trials would start
+            # one at a time. Tuner.restore keeps the original run's value.
             num_samples=request.trials, max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
@@ -226,10 +223,6 @@ def run_search(request: SearchRequest, resume: bool) -> None:
     print(data.summary(), flush=True)
     start_ray(request.address)
     fits = check_resources(request)
-    concurrent = request.max_concurrent or fits
-    # With a search algorithm Tune keeps one trial pending unless told otherwise, so
-    # fractional-GPU trials would start one after another instead of side by side.
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(concurrent, 1))
     from ray import tune
 
     if resume:
@@ -239,6 +232,7 @@ def run_search(request: SearchRequest, resume: bool) -> None:
                                    resume_unfinished=True, resume_errored=True)
         print(f"resuming {run.uri}", flush=True)
     else:
+        concurrent = request.max_concurrent or fits
         run.write_json(SEARCH_FILE, search_metadata(request, data))
         tuner = build_tuner(request, data, concurrent)
         print(f"search {request.name}: {request.trials} trials, sampler "
@@ -292,12 +286,14 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
         raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
                         ">= 0 and one of them > 0")
+    max_concurrent = pick(args.max_concurrent, "max_concurrent", None)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     return SearchRequest(
         space=space, trials=args.trials,
         name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),
         storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
-        cpus_per_trial=float(cpus),
-        max_concurrent=pick(args.max_concurrent, "max_concurrent", None),
+        cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=args.seed or 0,
         command_line=args.command_line)
 

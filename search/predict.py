@@ -7,7 +7,6 @@ to the model's resolution, centre crop); unreadable files are listed and skipped
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import warnings
@@ -97,26 +96,3 @@ def predict_command(model_dir: str, images: str, output: str, all_probabilities:
     except OSError as e:
         raise UserError(f"--output {output}: cannot write ({e.strerror or e})") from None
     print(f"wrote {len(predictions)} predictions to {output}")
-
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "predict", help="predict the classes of a folder of images into a CSV",
-        description="Classify every image under IMAGES with a model written by `resnet-hpo "
-                    "train` or an ensemble written by `resnet-hpo ensemble`; writes one CSV "
-                    "row per readable image: image, label, probability.")
-    parser.add_argument("model_dir", metavar="MODEL_DIR",
-                        help="model or ensemble directory (or a trial checkpoint)")
-    parser.add_argument("images", metavar="IMAGES", help="folder of images (sub-folders too)")
-    parser.add_argument("--output", default="predictions.csv", metavar="CSV",
-                        help="CSV file to write (default predictions.csv)")
-    parser.add_argument("--probabilities", action="store_true",
-                        help="add one column per class with its probability")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
-    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: cuda if available)")
-    parser.set_defaults(run=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    predict_command(args.model_dir, args.images, args.output, args.probabilities,
-                    args.device, args.batch_size)

@@ -15,7 +15,8 @@ import sklearn.linear_model
 import torch
 
 from search.cli import main
-from search.ensemble import SplitProbs, combine, ensemble_command, fit_stack, stacked_module
+from search.ensemble import ensemble_command
+from search.ensemble_evaluation import SplitProbs, combine, fit_stack, stacked_module
 from search.rundir import ENSEMBLE_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
 from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset

@@ -9,8 +9,9 @@ import pytest
 
 from search.best import SearchRun
 from search.cli import main
-from search.report import leaderboard, searched_params
+from search.leaderboard import leaderboard
 from search.rundir import SEARCH_FILE
+from search.searched import searched_params
 from tests.rundir_fixture import read_search, sampled_run
 
 PLOTS = ("learning_curves.png", "metric_vs_params.png", "parallel_coordinates.png")

@@ -78,6 +78,7 @@ def test_quarter_gpu_trials_run_side_by_side(tmp_path: Path, ray_session: None) 
     assert (trials.gpu_hours == trials.wall_time_s * 0.25 / 3600).all()
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random", "qmc", "gp"])
 def test_each_sampler_is_seeded(sampler: str) -> None:
     space = load_space("default")
@@ -143,6 +144,7 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
     (["--space", "quick", "--sampler", "anneal"], "key 'sampler' must be one of"),
     (["--space", "quick", "--scheduler", "pbt"], "key 'scheduler.name' must be one of"),
     (["--space", "quick", "--lr", "-1"], "config key 'lr': must be in (0, 10]"),
+    (["--space", "quick", "--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
     (["--space", "quick", "--data", "imagefolder:/no/such/dir"], "/no/such/dir"),
 ])
 def test_bad_search_input_is_one_line_before_ray_starts(
@@ -161,3 +163,19 @@ def test_an_existing_run_is_never_overwritten(tmp_path: Path,
                                   str(tmp_path / "runs"), "--name", "t"])
     assert "already holds a search; add --resume" in err
     assert (run / SEARCH_FILE).read_text() == "{}"
+
+
+def test_max_concurrent_trials_is_also_how_many_trials_tune_keeps_pending(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """build_tuner relies on it (Ray 2.60): with a search algorithm, Tune keeps one trial
+    pending unless max_concurrent_trials wraps the searcher in a ConcurrencyLimiter, so
+    fractional-GPU trials would otherwise start one at a time."""
+    from ray.tune.execution.tune_controller import _get_max_pending_trials
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.search_generator import SearchGenerator
+
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    searcher = OptunaSearch(metric="val_acc", mode="max")
+    assert _get_max_pending_trials(SearchGenerator(searcher)) == 1
+    assert _get_max_pending_trials(SearchGenerator(ConcurrencyLimiter(searcher, 4))) == 4

@@ -1,9 +1,29 @@
-"""One ResNet18 fine-tuning run, usable without Ray: `fit(TrainConfig(...), report)`."""
+"""One ResNet18 fine-tuning run, usable without Ray: `fit(TrainConfig(...), report)`.
 
-from trainable.config import TrainConfig
-from trainable.data import Dataset, Split, load_dataset
-from trainable.errors import UserError
-from trainable.train import FitResult, TrainingDiverged, fit
+The names that need torch load on first use (PEP 562), so that `import trainable.config`
+(the CLI's flags, the space loader) does not import torch.
+"""
 
-__all__ = ["Dataset", "FitResult", "Split", "TrainConfig", "TrainingDiverged", "UserError",
-           "fit", "load_dataset"]
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from trainable.config import TrainConfig as TrainConfig
+from trainable.errors import UserError as UserError
+
+if TYPE_CHECKING:
+    from trainable.data import Dataset as Dataset
+    from trainable.data import Split as Split
+    from trainable.data import load_dataset as load_dataset
+    from trainable.train import FitResult as FitResult
+    from trainable.train import TrainingDiverged as TrainingDiverged
+    from trainable.train import fit as fit
+
+_TORCH_MODULE_OF = {"Dataset": "trainable.data", "Split": "trainable.data",
+                    "load_dataset": "trainable.data", "FitResult": "trainable.train",
+                    "TrainingDiverged": "trainable.train", "fit": "trainable.train"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TORCH_MODULE_OF:
+        raise AttributeError(f"module 'trainable' has no attribute {name!r}")
+    return getattr(import_module(_TORCH_MODULE_OF[name]), name)

@@ -17,8 +17,6 @@ from torch import nn
 from trainable.config import TrainConfig
 from trainable.model import ImageClassifier, build_model
 
-METHODS = ("average", "vote", "stack")
-
 
 class MeanProbabilities(nn.Module):
     def forward(self, probs: torch.Tensor) -> torch.Tensor:
