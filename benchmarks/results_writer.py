@@ -1,29 +1,33 @@
 """Bookkeeping of the search driver: whether `search.results_writer.ResultsWriter`, the Tune
 callback that keeps trials.parquet and epochs.parquet current, costs the same per result at
-the end of a long search as at its start.
+the end of a long search as at its start, and how much of the driver's time its flushes take.
 
     python benchmarks/results_writer.py [--trials 1000] [--epochs 30] [--concurrent 4]
         [--window 1000] [--repeats 1]
 
-No Ray cluster: the real callback class is driven by hand, in the order Tune calls it, with
-fake trials (trial_id, config as a search samples it, last_result, status, no checkpoint to
-restore) into a temporary run directory: setup(); then, with `--concurrent` trials running
-at once, every loop of the driver calls on_step_begin(iteration, trials) and one running
-trial (picked at random) reports an epoch: on_trial_result with the keys a real trial
-reports (trainable/tune_adapter.py, plus Tune's own: time_total_s, training_iteration,
-config, ...) and on_checkpoint; after its last epoch on_trial_complete, and the next trial's
-on_trial_start. Every trial runs all its epochs (no early stopping).
+No Ray cluster: the real callback class is driven by hand, in the order Tune's driver calls
+it, with fake trials (trial_id, config as the `quick` space samples it, last_result, status,
+no checkpoint to restore) into a temporary run directory: setup(); then every loop of the
+driver calls on_step_begin(iteration, trials), on_trial_start for the trials it starts into
+free slots (`--concurrent` running at once), and one running trial (picked at random)
+reports an epoch: on_trial_result with the keys a real trial reports
+(trainable/tune_adapter.py, plus Tune's own: time_total_s, training_iteration, config, ...)
+and on_checkpoint, after its last epoch on_trial_complete; then on_step_end(iteration,
+trials). After the last loop, on_experiment_end. Every trial runs all its epochs (no early
+stopping).
 
-`search.results_writer.FLUSH_EVERY_S` is set to infinity for the replay: the time-based
-flushes inside on_trial_result would otherwise land in the per-result timings at random.
-The file writes happen at each trial's completion (as in a real search) and are timed apart.
+The writer flushes (rewrites both files whole) once in the first on_step_begin, from
+on_step_end at most every `search.results_writer.FLUSH_EVERY_S` seconds when something
+changed, and at on_experiment_end. FLUSH_EVERY_S is set to infinity for the replay, so that
+no time-based flush lands in the per-result timings at random; a flush is timed apart, at
+the search's final size.
 
-On a shared machine the load changes in the minutes between the first and the last window,
-and that alone moves a per-result time of some microseconds by tens of percent. So the
-first window is measured twice: at the start of the search, and again alongside the last
-window: while the search reports its last `--window` results, a fresh writer (a new search
-in its own run directory) replays its own first ones, one result of each in turn, both
-under the same load.
+On a shared machine the load changes between the first and the last window (seconds apart
+by default), and that alone moves a per-result time of some microseconds by tens of
+percent. So the first window is measured twice: at the start of the search, and again
+alongside the last window: while the search reports its last `--window` results, a fresh
+writer (a new search in its own run directory) replays its own first ones, one result of
+each in turn, both under the same load.
 
 It prints, per repeat and then over the repeats:
   per result   the median wall time of on_trial_result + on_checkpoint over a window of
@@ -31,11 +35,12 @@ It prints, per repeat and then over the repeats:
                the fresh writer's first window taken alongside the last (and, as a check
                that the two writers measure alike, alongside the first). The median of 1,000
                timings is robust to the odd preemption or garbage collection, so one repeat
-               (a few minutes, nearly all of it in the completion flushes) is enough;
-  completion   the total time of the flushes at on_trial_complete, that total spread over all
-               results, and the first and the last flush: a flush rewrites both files whole,
-               so it grows with the rows written so far, and the total with their square;
-  final flush  one flush of the whole search at the end (median of 5), in ms.
+               is enough;
+  final flush  one flush of the whole search after on_experiment_end (`--trials` x
+               `--epochs` epoch rows; median of 5), in ms, and what it means for the driver:
+               at most one flush per FLUSH_EVERY_S, so flushes take at most (flush time /
+               FLUSH_EVERY_S) of the driver's time at the search's final size, and less
+               while the search is smaller (a flush grows with the rows written).
 The last line is `growth: X.XX`: the last window's per-result cost over the first window's
 measured alongside it (the median over repeats), about 1 when the per-result bookkeeping
 does not grow with the search (flushes excluded). The line before it gives the plain ratio
@@ -90,17 +95,17 @@ class Search:
         self.reported: dict[str, list[dict[str, Any]]] = {}  # running trial -> its rows
         self.iteration = 0
         self.per_result_s: list[float] = []  # in the order of the results
-        self.completion_flush_s: list[float] = []  # in the order of completion
 
     @property
     def done(self) -> bool:
         return not self.running and len(self.trials) == self.total
 
     def step(self) -> None:
-        """One loop of Tune's driver: start trials into free slots, on_step_begin, and one
+        """One loop of Tune's driver: on_step_begin, start trials into free slots, one
         running trial's result (on_trial_result, on_checkpoint, and on_trial_complete after
-        its last epoch). Times the result and the completion."""
+        its last epoch), on_step_end. Times the result."""
         writer = self.writer
+        writer.on_step_begin(self.iteration, self.trials)
         while len(self.running) < self.concurrent and len(self.trials) < self.total:
             trial: Any = make_trial(len(self.trials), self.epochs, self.rng)
             self.trials.append(trial)
@@ -108,7 +113,6 @@ class Search:
             self.reported[trial.trial_id] = []
             trial.status = "RUNNING"
             writer.on_trial_start(self.iteration, self.trials, trial)
-        writer.on_step_begin(self.iteration, self.trials)
         trial = self.rng.choice(self.running)
         rows = self.reported[trial.trial_id]
         result = epoch_result(trial, rows, self.rng)
@@ -122,10 +126,9 @@ class Search:
         if len(rows) == self.epochs:
             trial.status = "TERMINATED"
             self.running.remove(trial)
-            start = time.perf_counter()
             writer.on_trial_complete(self.iteration, self.trials, trial)
-            self.completion_flush_s.append(time.perf_counter() - start)
             del self.reported[trial.trial_id]
+        writer.on_step_end(self.iteration, self.trials)
         self.iteration += 1
 
 
@@ -136,7 +139,6 @@ class Replay:
     last_us: float  # the search's last window
     fresh_first_us: float  # a fresh writer's first window, alongside the search's first
     fresh_last_us: float  # a fresh writer's first window, alongside the search's last
-    completion_flush_s: list[float]
     final_flush_s: list[float]
 
     @property
@@ -152,25 +154,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     results = args.trials * args.epochs
     window = min(args.window, results // 2)
+    flush_every_s = results_writer.FLUSH_EVERY_S
     results_writer.FLUSH_EVERY_S = math.inf
     print(f"results writer: {args.trials} trials x {args.epochs} epochs = {results} results, "
           f"{args.concurrent} running at once, windows of the first and last {window} results, "
           f"{args.repeats} repeats, wall clock (time.perf_counter); "
           f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print("FLUSH_EVERY_S = inf: no time-based flushes; the files are written at each trial's "
-          "completion (timed apart) and at the end")
+    print(f"FLUSH_EVERY_S = inf during the replay (the search's is {flush_every_s:g} s): no "
+          "time-based flushes; the files are written in the first on_step_begin and at "
+          "on_experiment_end, and a flush is timed apart")
     replays = []
     for repeat in range(args.repeats):
         replay = run_replay(args, window, seed=repeat)
         replays.append(replay)
-        completion = replay.completion_flush_s
         print(f"  repeat {repeat + 1}: per result (median) first {replay.first_us:.1f} us, "
               f"last {replay.last_us:.1f} us; fresh writer alongside them "
-              f"{replay.fresh_first_us:.1f} us, {replay.fresh_last_us:.1f} us; completion "
-              f"flushes {sum(completion):.2f} s in all, {completion[0] * 1e3:.2f} ms first, "
-              f"{completion[-1] * 1e3:.2f} ms last; final flush "
+              f"{replay.fresh_first_us:.1f} us, {replay.fresh_last_us:.1f} us; final flush "
               f"{statistics.median(replay.final_flush_s) * 1e3:.1f} ms", flush=True)
-    report(replays, window, args)
+    report(replays, window, args, flush_every_s)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,20 +211,20 @@ def run_replay(args: argparse.Namespace, window: int, seed: int) -> Replay:
                                              seed + 1000)
                     fresh[name].step()
         search.writer.on_experiment_end(search.trials)
+        check_files(search.run_uri, args.trials, args.epochs)
         final_flush_s = []
         for _ in range(FINAL_FLUSHES):
             start = time.perf_counter()
             search.writer.flush()
             final_flush_s.append(time.perf_counter() - start)
-        check_files(search.run_uri, args.trials, args.epochs)
     timings = search.per_result_s
     return Replay(median_us(timings[:window]), median_us(timings[-window:]),
                   median_us(fresh["first"].per_result_s), median_us(fresh["last"].per_result_s),
-                  search.completion_flush_s, final_flush_s)
+                  final_flush_s)
 
 
 def check_files(run_uri: str, trials: int, epochs: int) -> None:
-    """The writer's files hold every trial, finished, and every epoch."""
+    """The files on_experiment_end wrote hold every trial, finished, and every epoch."""
     run = RunDir.open(run_uri)
     epoch_rows = run.read_table(EPOCHS_FILE).num_rows
     trial_table = run.read_table(TRIALS_FILE)
@@ -240,7 +241,9 @@ def make_trial(index: int, epochs: int, rng: random.Random) -> SimpleNamespace:
     config = {**FIXED, "epochs": epochs,
               "lr": math.exp(rng.uniform(math.log(0.01), math.log(0.3))),
               "weight_decay": math.exp(rng.uniform(math.log(1e-6), math.log(1e-3))),
-              "label_smoothing": rng.uniform(0.0, 0.2), "warmup_epochs": rng.uniform(0.0, 1.0)}
+              "label_smoothing": rng.uniform(0.0, 0.2), "warmup_epochs": rng.uniform(0.0, 1.0),
+              "flip": rng.choice(["horizontal", "none"]),
+              "crop": rng.choice(["pad", "resized", "none"])}
     trial_id = f"5e1f0_{index:05d}"
     return SimpleNamespace(trial_id=trial_id, config=config, last_result={}, checkpoint=None,
                            latest_checkpoint_result=None, status="PENDING", error_file=None,
@@ -275,7 +278,8 @@ def epoch_result(trial: SimpleNamespace, rows: list[dict[str, Any]],
             "iterations_since_restore": epoch}
 
 
-def report(replays: list[Replay], window: int, args: argparse.Namespace) -> None:
+def report(replays: list[Replay], window: int, args: argparse.Namespace,
+           flush_every_s: float) -> None:
     def median_of(values: list[float]) -> float:
         return statistics.median(values)
 
@@ -283,7 +287,6 @@ def report(replays: list[Replay], window: int, args: argparse.Namespace) -> None
     last = median_of([r.last_us for r in replays])
     fresh_first = median_of([r.fresh_first_us for r in replays])
     fresh_last = median_of([r.fresh_last_us for r in replays])
-    completion = [sum(r.completion_flush_s) for r in replays]
     over = f"median of {len(replays)} repeats" if len(replays) > 1 else "1 repeat"
     print(f"per result (on_trial_result + on_checkpoint, median of each window, {over}):")
     print(f"  first {window}: {first:.1f} us at the start of the search, {fresh_last:.1f} us "
@@ -291,14 +294,11 @@ def report(replays: list[Replay], window: int, args: argparse.Namespace) -> None
     print(f"  last {window}: {last:.1f} us")
     print(f"  fresh writer alongside the first window: {fresh_first:.1f} us (a check: about "
           f"the first window's {first:.1f} us)")
-    total_s = median_of(completion)
-    print(f"completion flushes ({args.trials}, one per finished trial): {total_s:.2f} s in all "
-          f"({total_s / (args.trials * args.epochs) * 1e6:.0f} us per result), "
-          f"{median_of([r.completion_flush_s[0] for r in replays]) * 1e3:.2f} ms first, "
-          f"{median_of([r.completion_flush_s[-1] for r in replays]) * 1e3:.2f} ms last")
-    final_ms = median_of([statistics.median(r.final_flush_s) for r in replays]) * 1e3
+    final_s = median_of([statistics.median(r.final_flush_s) for r in replays])
     print(f"final flush ({args.trials * args.epochs} epoch rows, {args.trials} trials): "
-          f"{final_ms:.1f} ms")
+          f"{final_s * 1e3:.1f} ms")
+    print(f"flushes in the driver at this size: at most one per FLUSH_EVERY_S = "
+          f"{flush_every_s:g} s, so at most {final_s / flush_every_s:.1%} of its time")
     print(f"last / first at the start of the search (includes any change of load): "
           f"{last / first:.2f}")
     print(f"growth: {median_of([r.growth for r in replays]):.2f}")
