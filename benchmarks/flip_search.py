@@ -78,11 +78,9 @@ def write_set(root: Path, classes: dict[str, dict[str, list[str]]], per_class: i
 
 
 def mirror_set(root: Path, per_class: int, seed: int) -> Path:
-    both = ("train", "val", "test")
-    return write_set(root, {
-        "L": dict.fromkeys(both, ["L"]), "L-mirrored": dict.fromkeys(both, ["L-mirrored"]),
-        "F": dict.fromkeys(both, ["F"]), "F-mirrored": dict.fromkeys(both, ["F-mirrored"])},
-        per_class, seed)
+    names = ("L", "L-mirrored", "F", "F-mirrored")
+    return write_set(root, {name: {split: [name] for split in SPLITS} for name in names},
+                     per_class, seed)
 
 
 def mirrored_test_set(root: Path, per_class: int, seed: int) -> Path:

@@ -65,7 +65,7 @@ def still_improving_note(trial: Trial) -> str | None:
     """One line when the trial was best at the last epoch of its full budget: it may gain
     from more epochs, which the search and the retrain command would not give it."""
     budget = trial.get("epochs")
-    if trial.get("best_epoch") != budget or trial.get("epochs_run") != budget:
+    if budget is None or trial.get("best_epoch") != budget or trial.get("epochs_run") != budget:
         return None
     return (f"note: trial {trial['trial_id']} was best at its last epoch ({budget} of "
             f"{budget}), so more epochs may help: search with --max-epochs {2 * budget}, or "

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from search.best import SearchRun, Trial
+from search.best import SearchRun, Trial, still_improving_note
 from search.searched import active_values, format_value
 from spaces.space import Param
 
@@ -26,7 +26,8 @@ def summary(run: SearchRun) -> str:
              f"metric {run.metric} ({run.mode}) at each trial's best epoch"]
     failed = [t for t in run.trials if t["status"] == "ERROR"]
     lines += [f"failed: {t['trial_id']}: {t.get('error') or 'no message'}" for t in failed]
-    return "\n".join(lines)
+    note = still_improving_note(run.ranked[0]) if run.ranked else None
+    return "\n".join([*lines, note] if note else lines)
 
 
 def leaderboard(run: SearchRun, params: Sequence[Param], top: int) -> str:
