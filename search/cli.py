@@ -17,7 +17,8 @@ from typing import Any, TypeAlias
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
 
-ENSEMBLE_METHODS = ("average", "vote", "stack")  # trainable.fusion.make_combiner builds each
+# trainable.fusion.METHODS, which make_combiner builds; repeated since cli must not import torch
+ENSEMBLE_METHODS = ("average", "vote", "weighted", "stack", "concat")
 DEVICE_HELP = "cuda, cuda:1 or cpu (default: cuda if available)"
 RUN_HELP = "run directory of a search (STORAGE/NAME)"
 
@@ -178,14 +179,18 @@ def add_ensemble_parser(commands: Subcommands) -> None:
         description="Load the best-epoch checkpoints of the top K trials, evaluate each and "
                     "their ensemble on the validation split (and the test split when there "
                     "is one), save the ensemble as one module and record the result in "
-                    "RUN/ensemble.json.")
+                    "RUN/ensemble.json. Prints how often the members disagree and writes "
+                    "their confusion matrices to DIR and RUN/plots/confusion_matrices.png.")
     ensemble.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     ensemble.add_argument("--top", type=int, default=3, metavar="K",
                           help="members: the K best trials by the search metric (default 3)")
-    ensemble.add_argument("--method", choices=ENSEMBLE_METHODS, default="average",
-                          help="average the probabilities, majority vote, or stack with a "
-                               "logistic regression fitted on the validation split "
-                               "(default average)")
+    ensemble.add_argument("--method", choices=(*ENSEMBLE_METHODS, "all"), default="average",
+                          help="average the probabilities; majority vote; weighted average "
+                               "(weights fitted on the validation split); stack (a logistic "
+                               "regression on the probabilities, fitted on the validation "
+                               "split); concat (a linear head on the members' features, "
+                               "trained on the training split); all: evaluate every method "
+                               "and save the one with the best val_acc (default average)")
     ensemble.add_argument("--output", metavar="DIR",
                           help="directory for the ensemble (default: RUN/ensemble)")
     ensemble.add_argument("--onnx", action="store_true", help="also export ensemble.onnx")

@@ -4,7 +4,8 @@ The top K trials (by the search metric at their best epoch) are loaded from thei
 checkpoints and evaluated on the data each was trained on (its own resolution and stem;
 `search.ensemble_evaluation`). The result is one module (`trainable.fusion.EnsembleClassifier`:
 float RGB images in [0, 1] -> class probabilities), saved as an ensemble directory
-(`trainable.saved`) and, with --onnx, exported as one graph.
+(`trainable.saved`) and, with --onnx, exported as one graph. With --method all every method
+is evaluated on the same members and the one with the best val_acc is saved.
 """
 
 from __future__ import annotations
@@ -14,22 +15,28 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import torch
 
 from search.best import SearchRun
+from search.diversity import confusion_matrix, disagreement_text, pairwise_disagreement
 from search.ensemble_evaluation import (
+    Fitted,
     Member,
+    MemberOutputs,
     Scores,
+    accuracy,
     combine,
-    member_probabilities,
+    member_outputs,
     scores_of_members,
 )
-from search.rundir import ENSEMBLE_FILE, TRIALS_FILE, RunDir
+from search.plots import confusion_matrices, png_bytes, write_plot
+from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, RunDir
 from trainable.errors import UserError
 from trainable.export import export_onnx
-from trainable.fusion import EnsembleClassifier, EnsembleSpec
+from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
 from trainable.model import ImageClassifier
 from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
 
@@ -69,38 +76,116 @@ def fetch_checkpoint(trial_id: str, path: str, rundir: RunDir, scratch: Path) ->
     return target
 
 
-def summary(method: str, top: int, members: list[Member], member_scores: list[Scores],
-            scores: Scores, output_dir: str) -> dict[str, Any]:
-    """The evaluation as RUN/ensemble.json holds it. The best member is the one with the
-    highest accuracy on each split; the gain is measured on test, else on val."""
-    best_val = max(s.val_acc for s in member_scores)
+def gain_over_best_member(scores: Scores, member_scores: list[Scores]) -> float:
+    """The ensemble's accuracy minus the best member's: on test when there is one, else val."""
+    if scores.test_acc is not None:
+        return scores.test_acc - max(s.test_acc for s in member_scores if s.test_acc is not None)
+    return scores.val_acc - max(s.val_acc for s in member_scores)
+
+
+def summary(method: str, top: int, members: list[Member], outputs: MemberOutputs,
+            fits: list[Fitted], chosen: Fitted, output_dir: Path,
+            confusion_pngs: list[str]) -> dict[str, Any]:
+    """The evaluation as RUN/ensemble.json holds it: the saved ensemble (`chosen`) at the top
+    level, every evaluated method under `methods`."""
+    member_scores = scores_of_members(outputs)
     best_test = (max(s.test_acc for s in member_scores if s.test_acc is not None)
-                 if scores.test_acc is not None else None)
-    gain = (scores.test_acc - best_test if scores.test_acc is not None and best_test is not None
-            else scores.val_acc - best_val)
-    return {"method": method, "top": top,
-            "members": [{"trial_id": m.trial_id, "val_acc": s.val_acc, "test_acc": s.test_acc}
-                        for m, s in zip(members, member_scores, strict=True)],
-            "val_acc": scores.val_acc, "test_acc": scores.test_acc,
-            "best_member_val_acc": best_val, "best_member_test_acc": best_test,
-            "gain": gain, "output_dir": output_dir}
+                 if outputs.test is not None else None)
+    return {
+        "method": chosen.method, "requested": method, "top": top,
+        "members": [{"trial_id": m.trial_id, "val_acc": s.val_acc, "test_acc": s.test_acc}
+                    for m, s in zip(members, member_scores, strict=True)],
+        "val_acc": chosen.scores.val_acc, "test_acc": chosen.scores.test_acc,
+        "best_member_val_acc": max(s.val_acc for s in member_scores),
+        "best_member_test_acc": best_test,
+        "gain": gain_over_best_member(chosen.scores, member_scores),
+        "fit_seconds": chosen.fit_seconds,
+        "methods": [{"method": f.method, "val_acc": f.scores.val_acc,
+                     "test_acc": f.scores.test_acc,
+                     "gain": gain_over_best_member(f.scores, member_scores),
+                     "fit_seconds": f.fit_seconds} for f in fits],
+        "train_features_seconds": outputs.train_seconds,
+        "train_images": len(outputs.train.labels) if outputs.train is not None else None,
+        "val_images": len(outputs.val.labels),
+        "val_disagreement": pairwise_disagreement(outputs.val.probs).tolist(),
+        "confusion_matrices": confusion_pngs, "output_dir": str(output_dir)}
 
 
-def print_table(result: dict[str, Any]) -> None:
-    def acc(value: float | None) -> str:
-        return f"{value:8.4f}" if value is not None else f"{'-':>8}"
+def acc(value: float | None) -> str:
+    return f"{value:8.4f}" if value is not None else f"{'-':>8}"
 
+
+def print_report(result: dict[str, Any]) -> None:
     width = max(12, *(len(m["trial_id"]) for m in result["members"]))
     print(f"{'member':<{width}}  {'val_acc':>8}  {'test_acc':>8}")
     for m in result["members"]:
         print(f"{m['trial_id']:<{width}}  {acc(m['val_acc'])}  {acc(m['test_acc'])}")
-    name = f"{result['method']} of {len(result['members'])}"
-    print(f"{name:<{width}}  {acc(result['val_acc'])}  {acc(result['test_acc'])}")
     split = "test" if result["test_acc"] is not None else "val"
-    print(f"gain over the best member ({split}): {result['gain']:+.4f}")
-    if result["method"] == "stack":
-        print("stack: val_acc is cross-validated on the validation split; test_acc comes from "
-              "a fit on all of it")
+    if result["requested"] == "all":
+        print()
+        print_methods(result["methods"])
+        print(f"gain: over the best member on {split}; fit_s: seconds spent fitting the "
+              "combiner")
+    else:
+        name = f"{result['method']} of {len(result['members'])}"
+        print(f"{name:<{width}}  {acc(result['val_acc'])}  {acc(result['test_acc'])}")
+        print(f"gain over the best member ({split}): {result['gain']:+.4f}")
+    for line in method_notes(result):
+        print(line)
+    if result["requested"] == "all":
+        print(f"saved: {result['method']}, the best val_acc (of equals, the first listed)")
+    print()
+    trial_ids = [m["trial_id"] for m in result["members"]]
+    print(disagreement_text(trial_ids, np.array(result["val_disagreement"]), "val",
+                            result["val_images"]))
+    print(f"confusion matrices: {' and '.join(result['confusion_matrices'])}")
+
+
+def print_methods(rows: list[dict[str, Any]]) -> None:
+    print(f"{'method':<8}  {'val_acc':>8}  {'test_acc':>8}  {'gain':>7}  {'fit_s':>6}")
+    for row in rows:
+        print(f"{row['method']:<8}  {acc(row['val_acc'])}  {acc(row['test_acc'])}  "
+              f"{row['gain']:+7.4f}  {row['fit_seconds']:6.2f}")
+
+
+def method_notes(result: dict[str, Any]) -> list[str]:
+    """What each fitted method's scores mean, for the methods in the result."""
+    methods = {row["method"] for row in result["methods"]}
+    fitted_on_val = [m for m in ("weighted", "stack") if m in methods]
+    notes = []
+    if fitted_on_val:
+        notes.append(f"{' and '.join(fitted_on_val)}: val_acc is cross-validated on the "
+                     "validation split; test_acc comes from a fit on all of it")
+    if "concat" in methods:
+        concat = next(row for row in result["methods"] if row["method"] == "concat")
+        notes.append(f"concat: a linear head on the members' features of the "
+                     f"{result['train_images']} training images, trained in "
+                     f"{concat['fit_seconds']:.1f}s after {result['train_features_seconds']:.1f}s "
+                     "computing the features; val chose when it stopped")
+    return notes
+
+
+def write_confusion_matrices(run: SearchRun, out: Path, members: list[Member],
+                             outputs: MemberOutputs, chosen: Fitted) -> list[str]:
+    """out/confusion_matrices.png and RUN/plots/confusion_matrices.png: each member and the
+    ensemble, on test when there is one (no combiner was fitted there), else on val."""
+    split, probs = ((outputs.test, chosen.test_probs)
+                    if outputs.test is not None and chosen.test_probs is not None
+                    else (outputs.val, chosen.val_probs))
+    name = "test" if split is outputs.test else "val"
+    classes = members[0].saved.class_names
+    panels = [(f"trial {m.trial_id}: accuracy {accuracy(split.probs[i], split.labels):.4f}",
+               confusion_matrix(split.probs[i], split.labels, len(classes)))
+              for i, m in enumerate(members)]
+    panels.append((f"ensemble ({chosen.method}): accuracy {accuracy(probs, split.labels):.4f}",
+                   confusion_matrix(probs, split.labels, len(classes))))
+    png = png_bytes(confusion_matrices(
+        panels, classes, f"{run.name}: confusion matrices on the {name} split "
+        f"({len(split.labels)} images), in % of each true class"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFUSION_MATRICES_FILE).write_bytes(png)
+    return [str(out / CONFUSION_MATRICES_FILE), write_plot(run.rundir, CONFUSION_MATRICES_FILE,
+                                                           png)]
 
 
 def default_output(run: SearchRun) -> Path:
@@ -110,24 +195,29 @@ def default_output(run: SearchRun) -> Path:
 
 def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
                      onnx: bool = False, device: str | None = None) -> dict[str, Any]:
+    """Evaluate `method` (or every method, with "all") on the top trials and save one
+    ensemble: the method asked for, or with "all" the one with the best val_acc."""
     if top < 2:
         raise UserError(f"--top {top}: an ensemble needs at least 2 members")
     run = SearchRun.open(run_uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory(prefix="resnet-hpo-ensemble-") as scratch:
         members = load_members(run, top, Path(scratch))
-    val, test = member_probabilities(members, dev)
-    combiner, scores = combine(method, val, test)
+    methods = METHODS if method == "all" else (method,)
+    outputs = member_outputs(members, dev, with_features="concat" in methods)
+    fits = [combine(m, outputs) for m in methods]
+    chosen = max(fits, key=lambda f: f.scores.val_acc)  # of equals the first, the simplest
     out = Path(output) if output else default_output(run)
-    result = summary(method, top, members, scores_of_members(val, test), scores, str(out))
-    spec = EnsembleSpec(method, members[0].saved.class_names, [m.trial_id for m in members],
-                        [m.saved.cfg for m in members])
+    pngs = write_confusion_matrices(run, out, members, outputs, chosen)
+    result = summary(method, top, members, outputs, fits, chosen, out, pngs)
+    spec = EnsembleSpec(chosen.method, members[0].saved.class_names,
+                        [m.trial_id for m in members], [m.saved.cfg for m in members])
     module = EnsembleClassifier([ImageClassifier(m.saved.model.cpu(), m.saved.cfg.resolution)
-                                 for m in members], combiner).eval()
+                                 for m in members], chosen.combiner).eval()
     save_ensemble_dir(out, spec, module, result)
     if onnx:
         export_onnx(module, spec.resolution, out / ENSEMBLE_ONNX_FILE, "probabilities")
     run.rundir.write_json(ENSEMBLE_FILE, result)
-    print_table(result)
+    print_report(result)
     print(f"ensemble in {out}/" + (f" (with {ENSEMBLE_ONNX_FILE})" if onnx else ""))
     return result

@@ -124,7 +124,9 @@ def ensemble_text(ensemble: dict[str, Any]) -> str:
     split = "val" if ensemble.get("test_acc") is None else "test"
     gain = ensemble.get("gain")
     gain_text = "n/a" if gain is None else f"{gain:+.4f} on {split}"
-    return (f"ensemble of the top {ensemble.get('top')} ({ensemble.get('method')}: "
+    chosen = (", the best val_acc of all methods" if ensemble.get("requested") == "all"
+              else "")
+    return (f"ensemble of the top {ensemble.get('top')} ({ensemble.get('method')}{chosen}: "
             f"{', '.join(members)}): val_acc {score('val_acc')}, test_acc {score('test_acc')}; "
             f"best member: val_acc {score('best_member_val_acc')}, test_acc "
             f"{score('best_member_test_acc')}; gain {gain_text}; model in "

@@ -1,5 +1,6 @@
-"""The PNGs of `resnet-hpo results` in RUN/plots/: learning curves, the metric against each
-searched hyperparameter, and parallel coordinates."""
+"""The PNGs in RUN/plots/: learning curves, the metric against each searched
+hyperparameter and parallel coordinates (`resnet-hpo results`), and the confusion matrices
+of an ensemble and its members (`resnet-hpo ensemble`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from optuna.distributions import (
 )
 
 from search.best import SearchRun
-from search.rundir import EPOCHS_FILE, PLOTS_DIR
+from search.rundir import EPOCHS_FILE, PLOTS_DIR, RunDir
 from search.searched import active_values, format_value
 from spaces.space import Param
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MAX_CURVES = 10  # more learning curves than this make the plot unreadable
+MAX_ANNOTATED_CLASSES = 15  # cells of larger confusion matrices are too small for numbers
+MAX_CLASS_TICKS = 20
 LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.75, "pad": 1}
 
 
@@ -39,13 +42,21 @@ def write_plots(run: SearchRun, params: Sequence[Param], top: int) -> list[str]:
     if params:
         figures["metric_vs_params.png"] = metric_vs_params(run, params)
         figures["parallel_coordinates.png"] = parallel_coordinates(run, params)
-    run.rundir.fs.create_dir(run.rundir.join(PLOTS_DIR), recursive=True)
-    for name, fig in figures.items():
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        with run.rundir.fs.open_output_stream(run.rundir.join(PLOTS_DIR, name)) as f:
-            f.write(buffer.getvalue())
-    return [run.rundir.uri_of(PLOTS_DIR, name) for name in figures]
+    return [write_plot(run.rundir, name, png_bytes(fig)) for name, fig in figures.items()]
+
+
+def png_bytes(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def write_plot(rundir: RunDir, name: str, png: bytes) -> str:
+    """Write RUN/plots/NAME; returns its path as the user named the run."""
+    rundir.fs.create_dir(rundir.join(PLOTS_DIR), recursive=True)
+    with rundir.fs.open_output_stream(rundir.join(PLOTS_DIR, name)) as f:
+        f.write(png)
+    return rundir.uri_of(PLOTS_DIR, name)
 
 
 def learning_curves(run: SearchRun, epochs: list[dict[str, Any]], count: int) -> Figure:
@@ -187,3 +198,40 @@ def axis_ticks(distribution: BaseDistribution) -> list[tuple[float, str]]:
         return [(normalised(distribution, c), format_value(c)) for c in distribution.choices]
     assert isinstance(distribution, FloatDistribution | IntDistribution)
     return [(0.0, format_value(distribution.low)), (1.0, format_value(distribution.high))]
+
+
+def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequence[str],
+                       title: str) -> Figure:
+    """One row-normalised confusion matrix per panel (true class down, predicted across),
+    each cell labelled with its percentage where the classes are few enough to read."""
+    from matplotlib.figure import Figure
+
+    classes = len(class_names)
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.2 * cols + 1.2, 4.3 * rows + 0.7), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    every = math.ceil(classes / MAX_CLASS_TICKS)
+    ticks = list(range(0, classes, every))
+    long_names = max(len(name) for name in class_names) > 3
+    image = None
+    for ax, (name, matrix) in zip(axes, panels, strict=False):
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="Blues")
+        if classes <= MAX_ANNOTATED_CLASSES:
+            for (t, p), value in np.ndenumerate(matrix):
+                if value >= 0.005:
+                    ax.text(p, t, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if value > 0.5 else "black")
+        ax.set_xticks(ticks, [class_names[i] for i in ticks], fontsize=8,
+                      rotation=45 if long_names else 0, ha="right" if long_names else "center")
+        ax.set_yticks(ticks, [class_names[i] for i in ticks], fontsize=8)
+        ax.set_xlabel("predicted class", fontsize=10)
+        ax.set_ylabel("true class", fontsize=10)
+        ax.set_title(name, fontsize=11)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8, fraction=0.03, pad=0.01,
+                     label="share of the true class's images")
+    fig.suptitle(title, fontsize=13)
+    return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 from search.best import SearchRun
 from search.leaderboard import ensemble_text, importance_text, leaderboard, summary
 from search.plots import write_plots
-from search.rundir import ENSEMBLE_FILE
+from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, PLOTS_DIR
 from search.searched import searched_params
 from trainable.errors import UserError
 
@@ -24,6 +24,9 @@ def results_command(run_uri: str, top: int) -> None:
         print()
         print(ensemble_text(run.rundir.read_json(ENSEMBLE_FILE)))
     written = write_plots(run, params, top)
+    if run.rundir.exists(PLOTS_DIR, CONFUSION_MATRICES_FILE):
+        written.append(f"{run.rundir.uri_of(PLOTS_DIR, CONFUSION_MATRICES_FILE)} (the last "
+                       "ensemble's, written by resnet-hpo ensemble)")
     if written:
         print()
         print("plots: " + ", ".join(written))

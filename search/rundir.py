@@ -4,7 +4,8 @@
     epochs.parquet   one row per reported epoch (see EPOCH_COLUMNS)
     search.json      how the search was started: space text, sampler, seed, versions, command
     tensorboard/     one sub-directory per trial: scalars and HParams
-    plots/           PNGs written by `resnet-hpo results`
+    plots/           PNGs written by `resnet-hpo results` (and confusion_matrices.png by
+                     `resnet-hpo ensemble`)
     best.yaml        the best trial's full TrainConfig, written by `resnet-hpo best`
     ensemble.json    the last ensemble evaluated by `resnet-hpo ensemble`
 """
@@ -32,6 +33,7 @@ BEST_FILE = "best.yaml"
 ENSEMBLE_FILE = "ensemble.json"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
+CONFUSION_MATRICES_FILE = "confusion_matrices.png"  # in PLOTS_DIR and in the ensemble's DIR
 
 # trials.parquet: these, then every TrainConfig key as its own typed column. best_* are the
 # values at best_epoch, the epoch with the best search metric (not the last epoch).

@@ -6,21 +6,38 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import sklearn.linear_model
 import torch
+import torch.nn.functional as F
+import yaml
 
-from search.cli import main
+from search.cli import ENSEMBLE_METHODS, main
+from search.diversity import confusion_matrix, pairwise_disagreement
 from search.ensemble import ensemble_command
-from search.ensemble_evaluation import SplitProbs, combine, fit_stack, stacked_module
+from search.ensemble_evaluation import (
+    MemberOutputs,
+    SplitOutputs,
+    accuracy,
+    combine,
+    fit_weights,
+    stacked_module,
+)
 from search.rundir import ENSEMBLE_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
 from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset
-from trainable.fusion import MajorityVote, MeanProbabilities
+from trainable.fusion import (
+    METHODS,
+    FeatureHead,
+    MajorityVote,
+    MeanProbabilities,
+    WeightedAverage,
+)
+from trainable.model import ImageClassifier, build_model
 from trainable.saved import load_ensemble_dir
 from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
 
@@ -58,55 +75,130 @@ def test_vote_takes_the_majority_and_breaks_ties_by_mean_probability() -> None:
     assert out[0].tolist() == pytest.approx([(1 + 0.35) / 3, (1 + 0.65) / 3])
 
 
-def random_split(n: int, members: int, classes: int, seed: int) -> SplitProbs:
+def random_split(n: int, members: int, classes: int, seed: int) -> SplitOutputs:
     """Member probabilities that lean towards the true class, so stacking has signal."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % classes
     logits = torch.randn(members, n, classes, generator=gen)
     logits[:, torch.arange(n), labels] += 1.5
-    return SplitProbs(labels, logits.softmax(-1))
+    return SplitOutputs(labels, logits.softmax(-1))
 
 
-class SpyRegression(sklearn.linear_model.LogisticRegression):
-    """Records every row a fitted instance is asked to score that it was fitted on."""
-    violations: ClassVar[list[int]] = []
-    predicted_rows: ClassVar[int] = 0
-
-    def fit(self, X: Any, y: Any, sample_weight: Any = None) -> SpyRegression:
-        self.fitted_rows = {row.tobytes() for row in np.asarray(X)}
-        return super().fit(X, y, sample_weight)  # type: ignore[no-any-return]
-
-    def predict(self, X: Any) -> Any:
-        rows = [row.tobytes() for row in np.asarray(X)]
-        SpyRegression.violations += [i for i, row in enumerate(rows) if row in self.fitted_rows]
-        SpyRegression.predicted_rows += len(rows)
-        return super().predict(X)
+def test_weighted_average_applies_its_weights() -> None:
+    probs = torch.tensor([[[0.9, 0.1]], [[0.2, 0.8]]])
+    weighted = WeightedAverage(2)
+    weighted.weights.copy_(torch.tensor([0.25, 0.75]))
+    assert weighted(probs)[0].tolist() == pytest.approx([0.25 * 0.9 + 0.75 * 0.2,
+                                                         0.25 * 0.1 + 0.75 * 0.8])
 
 
-def test_stack_never_scores_on_its_own_training_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", SpyRegression)
-    val, test = random_split(30, 3, 3, seed=0), random_split(15, 3, 3, seed=1)
-    _, scores = fit_stack(val, test)
-    assert SpyRegression.violations == []
-    assert SpyRegression.predicted_rows == 30 + 15  # every val row once out of fold, then test
-    assert 0.5 < scores.val_acc <= 1 and scores.test_acc is not None
+def test_fitted_weights_minimise_the_validation_nll() -> None:
+    val = random_split(60, 2, 3, seed=3)
+    val.probs[1] = torch.randn(60, 3, generator=torch.Generator().manual_seed(4)).softmax(-1)
+    weights = fit_weights(val).weights
+    assert weights.min() >= 0 and weights.sum().item() == pytest.approx(1)
+
+    def nll(w0: float) -> float:
+        mixed = w0 * val.probs[0] + (1 - w0) * val.probs[1]
+        return -mixed[torch.arange(60), val.labels].log().mean().item()
+
+    grid = [nll(w / 100) for w in range(101)]
+    assert nll(weights[0].item()) <= min(grid) + 1e-9
+    assert weights[0] > weights[1]
 
 
-@pytest.mark.parametrize("classes", [2, 3])
-def test_stacked_module_reproduces_the_regression(classes: int) -> None:
-    val = random_split(40, 2, classes, seed=2)
-    features = val.probs.permute(1, 0, 2).flatten(1).numpy()
-    regression = sklearn.linear_model.LogisticRegression(max_iter=1000).fit(
-        features, val.labels.numpy())
-    module = stacked_module(regression, 2, classes)
-    assert module(val.probs).detach().numpy() == pytest.approx(
-        regression.predict_proba(features), abs=1e-5)
+def leaky_if_scored_on_fit_rows(n_val: int, n_test: int, classes: int) -> MemberOutputs:
+    """One member per image, confidently right on that image only and near-uniform (with a
+    small bump on a wrong class) elsewhere. Fitted on a set of images, weighted and stack
+    trust the members of those images: they label those images right and every other image
+    wrong. So a score that includes images the combiner was fitted on is above 0."""
+    n = n_val + n_test
+    labels = torch.arange(n) % classes
+    probs = torch.full((n, n, classes), 0.99 / classes)
+    probs[:, torch.arange(n), (labels + 1) % classes] += 0.01
+    probs[torch.arange(n), torch.arange(n)] = F.one_hot(labels, classes).float()
+    return MemberOutputs(None, SplitOutputs(labels[:n_val], probs[:, :n_val]),
+                         SplitOutputs(labels[n_val:], probs[:, n_val:]))
 
 
-def test_stack_needs_two_validation_images_per_class() -> None:
-    val = SplitProbs(torch.tensor([0, 1, 1, 2, 2]), torch.rand(2, 5, 3).softmax(-1))
-    with pytest.raises(UserError, match="2 validation images of every class"):
-        combine("stack", val, None)
+@pytest.mark.parametrize("method", ["weighted", "stack"])
+def test_fitted_combiners_never_score_images_they_were_fitted_on(method: str) -> None:
+    outputs = leaky_if_scored_on_fit_rows(30, 12, 3)
+    result = combine(method, outputs)
+    assert result.scores.val_acc == 0  # every val image predicted by a fit without it
+    assert result.scores.test_acc == 0  # test predicted by a fit on val alone
+    # the kept combiner (fitted on all of val) would have scored val perfectly
+    assert accuracy(result.combiner(outputs.val.probs), outputs.val.labels) == 1
+    assert result.fit_seconds > 0
+
+
+def test_concat_head_learns_from_the_training_split_only() -> None:
+    """Features 0-2 say the class on every split; features 3-5 are zero on train but say
+    the label on val and test, whose labels follow another rule. A head fitted on train
+    predicts by features 0-2 and gets every val and test image wrong; one that was fitted
+    on val or test images would have used features 3-5 and got them right."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int, shifted: bool) -> SplitOutputs:
+        signal = torch.arange(n) % 3
+        labels = (signal + 1) % 3 if shifted else signal
+        features = torch.zeros(n, 6)
+        features[:, :3] = 3 * F.one_hot(signal, 3) + 0.3 * torch.randn(n, 3, generator=gen)
+        if shifted:
+            features[:, 3:] = 3 * F.one_hot(labels, 3).float()
+        return SplitOutputs(labels, torch.full((1, n, 3), 1 / 3), features)
+
+    outputs = MemberOutputs(split(60, False), split(30, True), split(30, True))
+    result = combine("concat", outputs)
+    assert result.scores.val_acc == 0 and result.scores.test_acc == 0
+    assert isinstance(result.combiner, FeatureHead)
+    assert result.combiner.linear.weight[:, 3:].abs().max() == 0
+    train = outputs.train
+    assert train is not None and train.features is not None
+    assert accuracy(result.combiner(train.features), train.labels) == 1
+
+
+def test_stacked_logistic_reproduces_the_regression_for_2_and_3_classes() -> None:
+    for classes in (2, 3):
+        val = random_split(40, 2, classes, seed=2)
+        features = val.probs.permute(1, 0, 2).flatten(1).numpy()
+        regression = sklearn.linear_model.LogisticRegression(max_iter=1000).fit(
+            features, val.labels.numpy())
+        module = stacked_module(regression, 2, classes)
+        assert module(val.probs).detach().numpy() == pytest.approx(
+            regression.predict_proba(features), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", ["weighted", "stack"])
+def test_fitting_on_val_needs_two_validation_images_per_class(method: str) -> None:
+    val = SplitOutputs(torch.tensor([0, 1, 1, 2, 2]), torch.rand(2, 5, 3).softmax(-1))
+    with pytest.raises(UserError, match=f"--method {method}: needs at least 2 validation"):
+        combine(method, MemberOutputs(None, val, None))
+
+
+def test_pairwise_disagreement_and_confusion_matrix() -> None:
+    predictions = torch.tensor([[0, 1, 2, 2], [0, 1, 1, 2], [1, 0, 1, 2]])
+    probs = F.one_hot(predictions, 3).float()
+    assert pairwise_disagreement(probs).tolist() == [[0, 0.25, 0.75], [0.25, 0, 0.5],
+                                                     [0.75, 0.5, 0]]
+    labels = torch.tensor([0, 1, 1, 2])
+    assert confusion_matrix(probs[0], labels, 4).tolist() == [
+        [1, 0, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_penultimate_features_are_what_fc_reads() -> None:
+    for stem in ("imagenet", "cifar"):
+        model = build_model(TrainConfig(weights="none", stem=stem), 3).eval()
+        classifier = ImageClassifier(model, 16)
+        images = torch.rand(2, 3, 24, 24)
+        with torch.no_grad():
+            features = classifier.features(images)
+            assert features.shape == (2, 512)
+            assert model.fc(features) == pytest.approx(classifier(images), abs=1e-5)
+
+
+def test_the_cli_offers_every_fusion_method() -> None:
+    assert ENSEMBLE_METHODS == METHODS
 
 
 # --- the command on a run directory --------------------------------------------------------
@@ -154,8 +246,11 @@ def test_average_of_the_top_trials(run: Path, tmp_path: Path) -> None:
     assert [m["trial_id"] for m in result["members"]] == ["t0", "t1", "t2"]
     saved = json.loads((run / ENSEMBLE_FILE).read_text())
     assert saved == json.loads(json.dumps(result))
-    assert set(saved) == {"method", "top", "members", "val_acc", "test_acc",
-                          "best_member_val_acc", "best_member_test_acc", "gain", "output_dir"}
+    assert set(saved) == {"method", "requested", "top", "members", "val_acc", "test_acc",
+                          "best_member_val_acc", "best_member_test_acc", "gain", "fit_seconds",
+                          "methods", "train_features_seconds", "train_images", "val_images",
+                          "val_disagreement", "confusion_matrices", "output_dir"}
+    assert saved["fit_seconds"] == 0 and saved["train_images"] is None
     assert saved["best_member_test_acc"] == max(m["test_acc"] for m in saved["members"])
     assert saved["gain"] == pytest.approx(saved["test_acc"] - saved["best_member_test_acc"])
 
@@ -173,10 +268,12 @@ def test_each_member_is_scored_on_the_data_it_was_trained_on(run: Path, tmp_path
     assert result["members"][2]["val_acc"] == pytest.approx(val_acc)
 
 
-def test_saved_ensemble_reproduces_its_score(run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["stack", "weighted", "concat"])
+def test_saved_ensemble_reproduces_its_score(run: Path, tmp_path: Path, method: str) -> None:
     # the top 2 share one resolution, so the module sees exactly the images they were scored on
-    result = ensemble_command(str(run), 2, "stack", str(tmp_path / "ens"))
-    ensemble = load_ensemble_dir(tmp_path / "ens")
+    result = ensemble_command(str(run), 2, method, str(tmp_path / "ens"))
+    ensemble = load_ensemble_dir(tmp_path / "ens")  # rebuilt from ensemble.yaml
+    assert ensemble.spec.method == method
     test = load_dataset(ensemble.spec.configs[0].data, 16, 0.1).test
     assert test is not None
     with torch.no_grad():
@@ -194,6 +291,89 @@ def test_cli_prints_members_and_gain(run: Path, tmp_path: Path,
     assert lines[0].split() == ["member", "val_acc", "test_acc"]
     assert [line.split()[0] for line in lines[1:4]] == ["t0", "t1", "t2"]
     assert lines[4].startswith("average of 3") and "gain over the best member (test)" in lines[5]
+
+
+def test_method_all_compares_every_method_and_saves_the_best_val_acc(
+        run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["ensemble", str(run), "--top", "3", "--method", "all", "--output",
+          str(tmp_path / "ens")])
+    lines = capsys.readouterr().out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("method")))
+    assert lines[header].split() == ["method", "val_acc", "test_acc", "gain", "fit_s"]
+    table = [line.split() for line in lines[header + 1:header + 6]]
+    assert [row[0] for row in table] == list(METHODS)
+    saved = json.loads((run / ENSEMBLE_FILE).read_text())
+    rows = saved["methods"]
+    for row, cells in zip(rows, table, strict=True):
+        assert float(cells[2]) == pytest.approx(row["test_acc"], abs=1e-4)
+        assert float(cells[3]) == pytest.approx(row["test_acc"] - saved["best_member_test_acc"],
+                                                abs=1e-4)
+        assert (float(cells[4]) == 0) == (row["method"] in ("average", "vote"))
+    best = max(row["val_acc"] for row in rows)
+    assert saved["method"] == next(row["method"] for row in rows if row["val_acc"] == best)
+    assert load_ensemble_dir(tmp_path / "ens").spec.method == saved["method"]
+    assert f"saved: {saved['method']}, the best val_acc" in "\n".join(lines)
+    assert "concat: a linear head on the members' features of the 24 training images" in (
+        "\n".join(lines))
+    disagreement = lines.index(next(line for line in lines
+                                    if line.startswith("pairwise disagreement on val")))
+    assert lines[disagreement + 1].split() == ["t0", "t1", "t2"]
+    assert lines[disagreement + 2].split()[:2] == ["t0", "-"]
+    assert saved["val_disagreement"][0][1] == pytest.approx(float(lines[disagreement + 2]
+                                                                  .split()[2]), abs=1e-4)
+    for png in (tmp_path / "ens" / "confusion_matrices.png",
+                run / "plots" / "confusion_matrices.png"):
+        assert png.read_bytes().startswith(b"\x89PNG"), png
+
+
+def test_members_of_different_classes_are_refused(run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    other = write_class_tree(tmp_path / "other" / "train", per_class=4, size=16)
+    (other / "blue").rename(other / "cyan")
+    row = train_trial(tmp_path, "imagefolder:" + str(tmp_path / "other"), "u0", 0.99,
+                      {"resolution": 16})
+    rundir = RunDir.open(tmp_path / "mixed")
+    rundir.write_table(TRIALS_FILE, pa.Table.from_pylist([*rundir_rows(run), row],
+                                                         schema=trials_schema()))
+    rundir.write_json(SEARCH_FILE, {"metric": "val_acc", "mode": "max"})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ensemble", str(tmp_path / "mixed"), "--method", "concat"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == ("resnet-hpo: error: trial t0: its classes differ from trial u0's; members "
+                   "must share their classes\n")
+
+
+def test_a_broken_ensemble_directory_is_one_line_in_predict(
+        run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ensemble_command(str(run), 2, "concat", str(tmp_path / "ens"))
+    images = write_class_tree(tmp_path / "images", per_class=1, size=16)
+    config = (tmp_path / "ens" / "ensemble.yaml").read_text()
+
+    def predict_error() -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["predict", str(tmp_path / "ens"), str(images), "--output",
+                  str(tmp_path / "p.csv")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("resnet-hpo: error: "), err
+        return err
+
+    spec = yaml.safe_load(config)
+    del spec["members"][1]["config"]
+    (tmp_path / "ens" / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+    assert "ensemble.yaml: member 2 needs a 'config' mapping" in predict_error()
+    (tmp_path / "ens" / "ensemble.yaml").write_text(config.replace("method: concat",
+                                                                   "method: blend"))
+    assert "method 'blend' is not one of average, vote, weighted, stack, concat" in (
+        predict_error())
+    (tmp_path / "ens" / "ensemble.yaml").write_text(config.replace("method: concat",
+                                                                   "method: stack"))
+    assert "ensemble.pt: the weights do not fit the config beside them" in predict_error()
+    (tmp_path / "ens" / "ensemble.yaml").write_text(config)
+    (tmp_path / "ens" / "ensemble.pt").unlink()
+    assert "not an ensemble directory written by resnet-hpo ensemble (no ensemble.pt)" in (
+        predict_error())
 
 
 def test_user_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,11 +397,13 @@ def rundir_rows(run: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_onnx_export_matches_the_module(run: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["vote", "weighted", "concat"])
+def test_onnx_export_matches_the_module(run: Path, tmp_path: Path, method: str) -> None:
     import onnxruntime
 
-    # vote (argmax, one-hot) over members that resize to 16 and 8 pixels: one graph
-    ensemble_command(str(run), 3, "vote", str(tmp_path / "ens"), onnx=True)
+    # members that resize to 16 and 8 pixels, fused by argmax and one-hot (vote), weights
+    # (weighted) or a head on their features (concat): one graph each
+    ensemble_command(str(run), 3, method, str(tmp_path / "ens"), onnx=True)
     ensemble = load_ensemble_dir(tmp_path / "ens")
     images = torch.rand(3, 3, 16, 16)
     session = onnxruntime.InferenceSession(str(tmp_path / "ens" / "ensemble.onnx"))

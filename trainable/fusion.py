@@ -1,14 +1,16 @@
-"""Ensembles as one module: the members' class probabilities, fused by a combiner.
+"""Ensembles as one module: the members' outputs, fused by a combiner.
 
-Combiners take the members' probabilities (members, N, classes) and return probabilities
-(N, classes). `EnsembleClassifier` runs every member on the same float RGB images (each
-resizes and normalises its own input), so an ensemble predicts and exports like one model.
+Most combiners take the members' class probabilities (members, N, classes); `FeatureHead`
+takes their penultimate features side by side (N, members * features). Each returns
+probabilities (N, classes). `EnsembleClassifier` runs every member on the same float RGB
+images (each resizes and normalises its own input), so an ensemble predicts and exports
+like one model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,9 @@ from torch import nn
 
 from trainable.config import TrainConfig
 from trainable.model import ImageClassifier, build_model
+
+# search.cli.ENSEMBLE_METHODS repeats these names, since the CLI must not import torch.
+METHODS = ("average", "vote", "weighted", "stack", "concat")
 
 
 class MeanProbabilities(nn.Module):
@@ -36,6 +41,18 @@ class MajorityVote(nn.Module):
         return (votes + probs.mean(0)) / (probs.shape[0] + 1)
 
 
+class WeightedAverage(nn.Module):
+    """The members' probabilities weighted by `weights`: non-negative, summing to one."""
+
+    def __init__(self, members: int):
+        super().__init__()
+        self.weights: torch.Tensor
+        self.register_buffer("weights", torch.full((members,), 1.0 / members))
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        return (self.weights.view(-1, 1, 1) * probs).sum(0)
+
+
 class StackedLogistic(nn.Module):
     """A multinomial logistic regression on the members' probabilities, side by side."""
 
@@ -52,12 +69,39 @@ def stack_features(probs: torch.Tensor) -> torch.Tensor:
     return probs.permute(1, 0, 2).flatten(1)
 
 
-def make_combiner(method: str, members: int, classes: int) -> nn.Module:
+class FeatureHead(nn.Module):
+    """A linear classifier on the members' penultimate features, concatenated member by
+    member, each standardised by the mean and std it had on the training split."""
+
+    def __init__(self, features: int, classes: int):
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+        self.linear = nn.Linear(features, classes)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.std)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits(features).softmax(-1)
+
+
+def make_combiner(method: str, members: int, classes: int, features: int) -> nn.Module:
+    """The combiner of `method` with fresh parameters; `features` is the members' feature
+    widths summed (concat's input)."""
     if method == "average":
         return MeanProbabilities()
     if method == "vote":
         return MajorityVote()
-    return StackedLogistic(members, classes)
+    if method == "weighted":
+        return WeightedAverage(members)
+    if method == "stack":
+        return StackedLogistic(members, classes)
+    if method == "concat":
+        return FeatureHead(features, classes)
+    raise ValueError(f"unknown ensemble method {method!r}; one of {', '.join(METHODS)}")
 
 
 class EnsembleClassifier(nn.Module):
@@ -69,6 +113,9 @@ class EnsembleClassifier(nn.Module):
         self.combiner = combiner
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.combiner, FeatureHead):
+            return self.combiner(torch.cat([cast(ImageClassifier, member).features(images)
+                                            .float() for member in self.members], -1))
         probs = torch.stack([member(images).float().softmax(-1) for member in self.members])
         return self.combiner(probs)
 
@@ -91,8 +138,9 @@ class EnsembleSpec:
         members = [ImageClassifier(build_model(cfg.replace(weights="none"),
                                                len(self.class_names)), cfg.resolution)
                    for cfg in self.configs]
-        combiner = make_combiner(self.method, len(members), len(self.class_names))
-        return EnsembleClassifier(members, combiner)
+        features = sum(member.model.fc.in_features for member in members)
+        return EnsembleClassifier(members, make_combiner(self.method, len(members),
+                                                         len(self.class_names), features))
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "class_names": self.class_names,

@@ -37,10 +37,28 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     return model
 
 
+def penultimate_features(model: ResNet, x: torch.Tensor) -> torch.Tensor:
+    """ResNet18 up to its fc: the globally pooled features, (N, fc.in_features)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
+
+
+class Backbone(nn.Module):
+    """A ResNet without its fc: normalised images -> penultimate features."""
+
+    def __init__(self, model: ResNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return penultimate_features(self.model, x)
+
+
 class ImageClassifier(nn.Module):
     """RGB images as float in [0, 1], any square size -> logits: resize, normalise, model."""
 
-    def __init__(self, model: nn.Module, resolution: int):
+    def __init__(self, model: ResNet, resolution: int):
         super().__init__()
         self.model, self.resolution = model, resolution
         self.mean: torch.Tensor
@@ -49,10 +67,17 @@ class ImageClassifier(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self.model_input(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate features (N, fc.in_features) instead of the logits."""
+        return penultimate_features(self.model, self.model_input(images))
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
             images = F.interpolate(images, size=(self.resolution, self.resolution),
                                    mode="bilinear", antialias=True, align_corners=False)
-        return self.model((images - self.mean) / self.std)
+        return (images - self.mean) / self.std
 
 
 def stage_distance(param_name: str) -> int:

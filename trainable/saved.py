@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torchvision.models import ResNet
 
 from trainable.config import TrainConfig, read_yaml_mapping
 from trainable.errors import UserError
-from trainable.fusion import EnsembleClassifier, EnsembleSpec
+from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
 from trainable.model import ImageClassifier, build_model
 from trainable.ranking import best_epoch_row, metric_mode
 
@@ -40,7 +41,7 @@ ENSEMBLE_ONNX_FILE = "ensemble.onnx"
 @dataclass
 class SavedModel:
     cfg: TrainConfig
-    model: nn.Module
+    model: ResNet
     class_names: list[str]
     metrics: dict[str, Any]
 
@@ -207,9 +208,11 @@ def load_ensemble_dir(directory: Path) -> SavedEnsemble:
             raise UserError(f"{path}: member {i + 1} needs a 'config' mapping")
         configs.append(TrainConfig.from_dict(member["config"], source=f"{path} member {i + 1}"))
         trial_ids.append(str(member.get("trial_id", i + 1)))
-    spec = EnsembleSpec(str(_field(values, "method", path)),
-                        _class_names(_field(values, "class_names", path), path), trial_ids,
-                        configs)
+    method = str(_field(values, "method", path))
+    if method not in METHODS:
+        raise UserError(f"{path}: method '{method}' is not one of {', '.join(METHODS)}")
+    spec = EnsembleSpec(method, _class_names(_field(values, "class_names", path), path),
+                        trial_ids, configs)
     module = spec.build()
     _load_weights(module, _torch_load(directory / ENSEMBLE_WEIGHTS_FILE),
                   directory / ENSEMBLE_WEIGHTS_FILE)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import ResNet
 
 from trainable.augment import (
     crop_and_flip,
@@ -50,7 +51,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FitResult:
-    model: nn.Module  # with the weights of the best epoch by cfg.metric
+    model: ResNet  # with the weights of the best epoch by cfg.metric
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0  # 0 until an epoch has a finite value of cfg.metric
 
@@ -233,9 +234,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: DeviceImages, rt: Runtime,
-                   batch_size: int) -> torch.Tensor:
-    """float32 logits (N, classes) on the device, in the split's order, never augmented."""
+def predict_outputs(model: nn.Module, images: DeviceImages, rt: Runtime,
+                    batch_size: int) -> torch.Tensor:
+    """What `model` returns (logits of a classifier, features of a `Backbone`) as float32 on
+    the device, in the split's order, never augmented."""
     set_train_mode(model, False)
     outputs = []
     for start in range(0, len(images), batch_size):
@@ -249,7 +251,7 @@ def predict_logits(model: nn.Module, images: DeviceImages, rt: Runtime,
 def evaluate(model: nn.Module, images: DeviceImages, rt: Runtime,
              batch_size: int) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on a split."""
-    logits = predict_logits(model, images, rt, batch_size)
+    logits = predict_outputs(model, images, rt, batch_size)
     loss = F.cross_entropy(logits, images.labels)
     correct = (logits.argmax(1) == images.labels).sum()
     return loss.item(), correct.item() / len(images)
