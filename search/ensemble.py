@@ -36,7 +36,7 @@ from search.plots import confusion_matrices, png_bytes, write_plot
 from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, RunDir
 from trainable.errors import UserError
 from trainable.export import export_onnx
-from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
+from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
 from trainable.model import ImageClassifier
 from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
 
@@ -83,6 +83,15 @@ def gain_over_best_member(scores: Scores, member_scores: list[Scores]) -> float:
     return scores.val_acc - max(s.val_acc for s in member_scores)
 
 
+def method_row(fit: Fitted, member_scores: list[Scores]) -> dict[str, Any]:
+    row = {"method": fit.method, "val_acc": fit.scores.val_acc, "test_acc": fit.scores.test_acc,
+           "gain": gain_over_best_member(fit.scores, member_scores),
+           "fit_seconds": fit.fit_seconds}
+    if isinstance(fit.combiner, WeightedAverage):
+        row["weights"] = fit.combiner.weights.tolist()
+    return row
+
+
 def summary(method: str, top: int, members: list[Member], outputs: MemberOutputs,
             fits: list[Fitted], chosen: Fitted, output_dir: Path,
             confusion_pngs: list[str]) -> dict[str, Any]:
@@ -100,10 +109,7 @@ def summary(method: str, top: int, members: list[Member], outputs: MemberOutputs
         "best_member_test_acc": best_test,
         "gain": gain_over_best_member(chosen.scores, member_scores),
         "fit_seconds": chosen.fit_seconds,
-        "methods": [{"method": f.method, "val_acc": f.scores.val_acc,
-                     "test_acc": f.scores.test_acc,
-                     "gain": gain_over_best_member(f.scores, member_scores),
-                     "fit_seconds": f.fit_seconds} for f in fits],
+        "methods": [method_row(f, member_scores) for f in fits],
         "train_features_seconds": outputs.train_seconds,
         "train_images": len(outputs.train.labels) if outputs.train is not None else None,
         "val_images": len(outputs.val.labels),
@@ -149,19 +155,22 @@ def print_methods(rows: list[dict[str, Any]]) -> None:
 
 
 def method_notes(result: dict[str, Any]) -> list[str]:
-    """What each fitted method's scores mean, for the methods in the result."""
-    methods = {row["method"] for row in result["methods"]}
-    fitted_on_val = [m for m in ("weighted", "stack") if m in methods]
+    """What the fitted methods' scores mean, for those in the result."""
+    rows = {row["method"]: row for row in result["methods"]}
+    fitted_on_val = [m for m in ("weighted", "stack") if m in rows]
     notes = []
     if fitted_on_val:
         notes.append(f"{' and '.join(fitted_on_val)}: val_acc is cross-validated on the "
                      "validation split; test_acc comes from a fit on all of it")
-    if "concat" in methods:
-        concat = next(row for row in result["methods"] if row["method"] == "concat")
+    if "weighted" in rows:
+        notes.append("weighted: the members' weights (fitted on all of val) are "
+                     + ", ".join(f"{w:.3f}" for w in rows["weighted"]["weights"]))
+    if "concat" in rows:
         notes.append(f"concat: a linear head on the members' features of the "
                      f"{result['train_images']} training images, trained in "
-                     f"{concat['fit_seconds']:.1f}s after {result['train_features_seconds']:.1f}s "
-                     "computing the features; val chose when it stopped")
+                     f"{rows['concat']['fit_seconds']:.1f}s after "
+                     f"{result['train_features_seconds']:.1f}s computing the features; val "
+                     "chose when it stopped")
     return notes
 
 

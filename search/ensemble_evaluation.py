@@ -198,7 +198,6 @@ def rows(split: SplitOutputs, index: np.ndarray) -> SplitOutputs:
     return SplitOutputs(split.labels[idx], split.probs[:, idx])
 
 
-@torch.no_grad()
 def cross_fitted(method: str, outputs: MemberOutputs,
                  fit: Callable[[SplitOutputs], nn.Module]) -> Fitted:
     """Val predictions out of fold (each fold by a combiner fitted on the others); test
@@ -267,7 +266,6 @@ def stacked_module(regression: Any, members: int, classes: int) -> StackedLogist
     return module
 
 
-@torch.no_grad()
 def fit_concat(outputs: MemberOutputs) -> Fitted:
     train, val, test = outputs.train, outputs.val, outputs.test
     if train is None or train.features is None or val.features is None:

@@ -75,6 +75,13 @@ def test_the_ensemble_gain_is_mentioned(tmp_path: Path,
     out = results(capsys, str(run))
     assert "ensemble of the top 3 (average: t000, t001, t002): val_acc 0.9500" in out
     assert "gain +0.0200 on test" in out
+    assert "confusion_matrices.png" not in out
+    (run / "ensemble.json").write_text(json.dumps(ensemble | {"requested": "all"}))
+    (run / "plots" / "confusion_matrices.png").write_bytes(PNG_MAGIC)
+    out = results(capsys, str(run))
+    assert "(average, the best val_acc of all methods: t000, t001, t002)" in out
+    assert (f"{run}/plots/confusion_matrices.png (the last ensemble's, written by resnet-hpo "
+            "ensemble)") in out
 
 
 def test_without_a_recorded_space_the_varying_columns_are_shown(tmp_path: Path) -> None:
