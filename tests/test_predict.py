@@ -109,6 +109,7 @@ def test_ensemble_and_checkpoint_directories(images: Path, tmp_path: Path) -> No
     spec = EnsembleSpec("average", ["c0", "c1", "c2"], ["t0", "t1"], configs)
     module = spec.build()
     for member, trial in zip(module.members, spec.trial_ids, strict=True):
+        assert isinstance(member, ImageClassifier)
         member.model.load_state_dict(load_checkpoint_dir(tmp_path / trial).model.state_dict())
     save_ensemble_dir(tmp_path / "ens", spec, module, {})
     out = tmp_path / "preds.csv"
