@@ -217,7 +217,7 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
 
     from search.cli import main
 
-    n_trials, epochs, concurrent = 15, 3, 2
+    n_trials, epochs, concurrent = 16, 3, 2
     space = space_file(tmp_path, f"""
 sampler: tpe
 scheduler: {{name: fifo, max_epochs: {epochs}}}
@@ -231,8 +231,9 @@ search:
     storage = ["--storage", str(tmp_path), "--name", "k", "--address", address]
     # Between two checks at most `concurrent` trials finish (a new trial cannot start, let
     # alone run 3 epochs, in 50 ms), so each moment is seen before the next one passes. At
-    # the last, at most `concurrent` more trials have been sampled than have finished, so
-    # some are sampled after the resume, with over n_startup_trials (10) finished before.
+    # the last, 12 or 13 trials have finished, at most `concurrent` more have been sampled,
+    # and the driver has told the sampler of all but the last `concurrent` of them: some
+    # trials are sampled after the resume, with over n_startup_trials (10) finished.
     late = n_trials - 2 * concurrent
     moments = {"early": lambda: bool(reported_epochs(run)),
                "middle": lambda: finished(run, epochs) >= concurrent,
