@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +114,70 @@ search:
   label_smoothing: {{type: float, low: 0.0, high: 0.2}}
 """)
     return path
+
+
+def checkpoint_rows(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """trial_id -> the epoch rows in its latest checkpoint (epochs.json), read from the trial
+    folders of a run directory. A trial writes its checkpoint before its report reaches the
+    driver, so this is current while epochs.parquet (flushed every few seconds) is not. A
+    checkpoint still being copied is skipped."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for trial_dir in run.glob("trial_*"):
+        trial_id = trial_dir.name.removeprefix("trial_")
+        for checkpoint in trial_dir.glob("checkpoint_*"):
+            try:
+                saved = json.loads((checkpoint / "epochs.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if saved and saved[-1]["epoch"] > max((r["epoch"] for r in rows.get(trial_id, [])),
+                                                  default=0):
+                rows[trial_id] = saved
+    return rows
+
+
+def reported_epochs(run: Path) -> dict[str, int]:
+    """trial_id -> the last epoch its checkpoints hold."""
+    return {trial_id: rows[-1]["epoch"] for trial_id, rows in checkpoint_rows(run).items()}
+
+
+def descendant_processes(pid: int | None = None) -> dict[int, str]:
+    """pid -> command line of every live descendant of `pid` (default: this process), from
+    /proc. The test session's Ray runs under this process, so its trial workers are here and
+    no other session's are."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # the command name may hold spaces and parentheses: split after the last ')'
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1]
+                                               .split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = {}, [os.getpid() if pid is None else pid]
+    while frontier:
+        parent = frontier.pop()
+        for child in [c for c, p in parents.items() if p == parent]:
+            try:
+                found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(
+                    b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            frontier.append(child)
+    return found
+
+
+def trial_worker_pids(pid: int | None = None) -> list[int]:
+    """The Ray workers running a trial (the `ray::ImplicitFunc` actors) under `pid`."""
+    return [p for p, cmd in descendant_processes(pid).items() if "ImplicitFunc" in cmd]
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process is frozen (SIGSTOP) inside the block and goes on after it, if alive. A
+    stopped driver lets each trial finish at most the epoch it is in: a trial's report waits
+    for the driver to take it."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

@@ -88,3 +88,28 @@ def test_bad_input_is_exit_2_and_one_error_line(flat_tree: Path, tmp_path: Path,
     assert len(lines) == 1 and lines[0].startswith("resnet-hpo: error: "), err
     assert message in lines[0]
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rate: 0.1\n", "unknown key 'learning_rate'"),
+    ("lr: -0.1\n", "config key 'lr': must be in (0, 10], got -0.1"),
+    ("epochs: many\n", "config key 'epochs': must be an integer, got 'many'"),
+    ("[lr, 0.1]\n", "must be a mapping of key: value"),
+])
+def test_a_bad_config_file_is_refused_before_any_data_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        text: str, message: str) -> None:
+    def decode(*args: object, **kwargs: object) -> None:
+        pytest.fail("a bad config should be refused before the data is decoded")
+
+    monkeypatch.setattr("search.retrain.load_dataset", decode)
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(config), "--data", "digits",
+              "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"resnet-hpo: error: {config}: ")
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()

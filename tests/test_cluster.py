@@ -15,7 +15,7 @@ import pytest
 from ray.cluster_utils import Cluster
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE
-from tests.conftest import search_space_file
+from tests.conftest import checkpoint_rows, search_space_file, stopped
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -57,31 +57,38 @@ def test_trials_spread_over_worker_nodes_and_results_share_one_run_dir(
 
 
 def test_a_lost_worker_node_costs_no_epoch(tmp_path: Path, cluster: Cluster) -> None:
+    epochs = 6
     spare = cluster.add_node(num_cpus=1, num_gpus=1)
     driver = start_search(tmp_path, cluster, "--trials", "2", "--gpus-per-trial", "1",
-                          "--cpus-per-trial", "1", "--max-concurrent", "2", epochs=6)
-    epochs_file = tmp_path / "runs" / "mn" / EPOCHS_FILE
+                          "--cpus-per-trial", "1", "--max-concurrent", "2", epochs=epochs)
+    run = tmp_path / "runs" / "mn"
     victim = None
     deadline = time.monotonic() + 300
     while victim is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-        try:
-            rows = pq.read_table(epochs_file).to_pylist()
-        except (OSError, ValueError):
-            continue
-        busy = {r["node_id"] for r in rows if r["epoch"] == 1} - {spare.node_id}
-        victim = next((n for n in cluster.worker_nodes if n.node_id in busy), None)
+        assert driver.poll() is None, driver.communicate()[0].decode()
+        # Choose from the checkpoints (on disk before the driver hears of the epoch), with
+        # the driver frozen: a trial then finishes at most the epoch it is in, so one whose
+        # checkpoint holds epoch <= 4 of 6 is still running when its node goes. Epoch >= 2:
+        # a trial starts an epoch only once the driver has taken the last one's report, so
+        # the driver has epoch 1 from the lost node.
+        with stopped(driver.pid):
+            busy = {rows[-1]["node_id"] for rows in checkpoint_rows(run).values()
+                    if 2 <= rows[-1]["epoch"] <= epochs - 2} - {spare.node_id}
+            victim = next((n for n in cluster.worker_nodes if n.node_id in busy), None)
+            if victim is not None:
+                cluster.remove_node(victim)
+        time.sleep(0.1)
     assert victim is not None, "no trial reported an epoch in time"
-    cluster.remove_node(victim)
     out = driver.communicate(timeout=600)[0].decode()
     assert driver.returncode == 0, out
 
     run = tmp_path / "runs" / "mn"
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
-    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
-    assert set(trials.status) == {"TERMINATED"} and (trials.epochs_run == 6).all()
-    assert sorted(epochs.groupby("trial_id").epoch.apply(list).sum()) == sorted([*range(1, 7)] * 2)
-    moved = epochs[epochs.node_id == victim.node_id].trial_id.unique()
+    rows = pq.read_table(run / EPOCHS_FILE).to_pandas()
+    assert set(trials.status) == {"TERMINATED"} and (trials.epochs_run == epochs).all()
+    assert sorted(rows.groupby("trial_id").epoch.apply(list).sum()) == sorted(
+        [*range(1, epochs + 1)] * 2)
+    moved = rows[rows.node_id == victim.node_id].trial_id.unique()
     assert len(moved) == 1
-    last = epochs[(epochs.trial_id == moved[0]) & (epochs.epoch == 6)]
+    last = rows[(rows.trial_id == moved[0]) & (rows.epoch == epochs)]
     assert last.node_id.item() != victim.node_id  # it went on elsewhere after the loss

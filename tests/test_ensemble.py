@@ -42,9 +42,11 @@ from trainable.saved import load_ensemble_dir
 from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
 
 # (trial_id, search metric, config changes): members differ in resolution and stem.
-MEMBERS = [("t0", 0.9, {"resolution": 16}),
-           ("t1", 0.8, {"resolution": 16, "stem": "cifar", "seed": 1}),
-           ("t2", 0.7, {"resolution": 8, "seed": 2})]
+MEMBERS: list[tuple[str, float, dict[str, Any]]] = [
+    ("t0", 0.9, {"resolution": 16}),
+    ("t1", 0.8, {"resolution": 16, "stem": "cifar", "seed": 1}),
+    ("t2", 0.7, {"resolution": 8, "seed": 2}),
+]
 
 
 def softmax(row: list[float]) -> list[float]:
@@ -263,8 +265,9 @@ def test_each_member_is_scored_on_the_data_it_was_trained_on(run: Path, tmp_path
     cfg = ensemble.spec.configs[2]
     data = load_dataset(cfg.data, 8, cfg.val_fraction)
     rt = Runtime.for_config(cfg, "cpu")
-    _, val_acc = evaluate(ensemble.module.members[2].model, DeviceImages(data.val, rt.device),
-                          rt, 16)
+    member = ensemble.module.members[2]
+    assert isinstance(member, ImageClassifier)
+    _, val_acc = evaluate(member.model, DeviceImages(data.val, rt.device), rt, 16)
     assert result["members"][2]["val_acc"] == pytest.approx(val_acc)
 
 

@@ -1,12 +1,25 @@
-"""Faults during a search: failing and diverging trials, a killed driver resumed."""
+"""Faults during a search: raising, diverging and killed trials, a killed driver resumed.
+
+The faults are real (an exception in the trial, a loss that becomes NaN, SIGKILL of a trial
+worker or of the driver). Their moments come from the files a search writes as it goes,
+not from sleeps: each trial's checkpoint (with its epoch rows) is on disk before its report
+reaches the driver. To look at those files while nothing moves, the test stops the
+process that would move them on (SIGSTOP); a stopped driver lets each trial finish at most
+the epoch it is in, since a trial's report waits for the driver.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,8 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE
-from tests.conftest import search_space_file
-from trainable.train import TrainingDiverged
+from tests.conftest import reported_epochs, stopped, trial_worker_pids, write_class_tree
 
 pytestmark = pytest.mark.ray
 
@@ -32,37 +44,71 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+def tiny_images(tmp_path: Path) -> str:
+    """--data for 30 images of 3 colours (27 train, 3 val): an epoch takes a moment."""
+    return "imagefolder:" + str(write_class_tree(tmp_path / "images", per_class=10, size=8))
+
+
+def space_file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def started_lines(out: str) -> dict[str, int]:
+    """How often the progress printer said each trial started (once per attempt)."""
+    counts: dict[str, int] = {}
+    for trial_id in re.findall(r"trial (\w+) started:", out):
+        counts[trial_id] = counts.get(trial_id, 0) + 1
+    return counts
+
+
+# A raising trial (fp16 needs CUDA), a diverging one (lr 10 with weight decay 1: each step
+# multiplies the weights by about -9: NaN within the first epoch of 13 steps) and a sound one; the
+# sampler's seed 11 draws exactly these three.
+FAULTS_SPACE = """
+metric: val_acc
+sampler: random
+scheduler: {name: fifo, max_epochs: 1}
+resources: {cpus_per_trial: 1}
+fixed: {resolution: 8, weights: none, batch_size: 2, warmup_epochs: 0, label_smoothing: 0.0,
+        weight_decay: 1.0}
+search:
+  amp:    {type: categorical, choices: ['off', fp16]}
+  lr:     {type: categorical, choices: [0.001, 10.0]}
+  min_lr: {type: categorical, choices: [10.0], when: {lr: [10.0]}}
+"""
+
+
 @pytest.mark.slow
-def test_a_raising_trial_is_marked_failed_and_the_search_goes_on(
-        tmp_path: Path, ray_session: None) -> None:
+def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_on(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
     from search.cli import main
 
-    space = search_space_file(tmp_path, max_epochs=1, extra_fixed="")
-    space.write_text(space.read_text() + "  amp: {type: categorical, choices: [off, fp16]}\n")
-    main(["search", "--space", str(space), "--data", "digits", "--trials", "4", "--seed", "3",
-          "--storage", str(tmp_path), "--name", "f", "--max-failures", "0"])
-    trials = pq.read_table(tmp_path / "f" / TRIALS_FILE).to_pandas()
-    failed, done = trials[trials.amp == "fp16"], trials[trials.amp == "off"]
-    assert len(failed) and len(done), "the seed should sample both amp values"
-    assert set(failed.status) == {"ERROR"} and set(done.status) == {"TERMINATED"}
-    assert failed.error.str.contains("UserError: config key 'amp': fp16 needs CUDA").all()
+    main(["search", "--space", str(space_file(tmp_path, FAULTS_SPACE)), "--data",
+          tiny_images(tmp_path), "--trials", "3", "--seed", "11", "--storage", str(tmp_path),
+          "--name", "f", "--max-failures", "2", "--max-concurrent", "3"])
+    out = capsys.readouterr().out
+    trials = pq.read_table(tmp_path / "f" / TRIALS_FILE).to_pandas().set_index("trial_id")
+    epochs = pq.read_table(tmp_path / "f" / EPOCHS_FILE).to_pandas()
+    kinds = {"raising": trials.amp == "fp16", "diverging": (trials.amp == "off") &
+             (trials.lr == 10.0), "sound": (trials.amp == "off") & (trials.lr < 1)}
+    assert [int(rows.sum()) for rows in kinds.values()] == [1, 1, 1], trials[["amp", "lr"]]
+    raising, diverging, sound = (trials[rows].iloc[0] for rows in kinds.values())
+    starts = started_lines(out)
 
+    assert raising.status == "ERROR"
+    assert "UserError: config key 'amp': fp16 needs CUDA" in raising.error
+    assert starts[raising.name] == 3, out  # the first attempt and --max-failures 2 retries
 
-def test_a_diverging_trial_reports_its_reason_instead_of_raising(
-        monkeypatch: pytest.MonkeyPatch, ray_session: None) -> None:
-    """Raising would make Tune retry a config that diverges again; the adapter reports."""
-    from trainable import tune_adapter
+    assert diverging.status == "ERROR"
+    assert re.fullmatch(r"training loss became (nan|inf|-inf) in epoch 1 \(lr 10\); lower lr "
+                        r"or use amp bf16", diverging.error), diverging.error
+    assert starts[diverging.name] == 1, out  # not retried: the same config diverges again
+    assert diverging.name not in set(epochs.trial_id)
 
-    reports: list[dict[str, Any]] = []
-
-    def diverge(*args: Any, **kwargs: Any) -> None:
-        raise TrainingDiverged("training loss became nan in epoch 1 (lr 10)")
-
-    monkeypatch.setattr(tune_adapter, "fit", diverge)
-    monkeypatch.setattr(tune_adapter.tune, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(tune_adapter.tune, "report", lambda metrics, **_: reports.append(metrics))
-    tune_adapter.train_trial({"weights": "none"}, data=None)  # type: ignore[arg-type]
-    assert reports[-1]["diverged"] == "training loss became nan in epoch 1 (lr 10)"
+    assert sound.status == "TERMINATED" and sound.epochs_run == 1
+    assert f"best trial {sound.name}" in out
 
 
 def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> None:
@@ -77,39 +123,163 @@ def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> Non
     assert (row["status"], row["error"]) == ("ERROR", "training loss became nan")
 
 
+def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]],
+                          stop: threading.Event) -> None:
+    """SIGKILL the trial's worker once its checkpoints hold epoch 2 (so the driver has epoch
+    1) and not yet the last epoch. The worker is frozen while its files are read, so the
+    kill lands before the last epoch whatever the machine's speed."""
+    while not stop.is_set() and not killed:
+        for pid in trial_worker_pids():
+            try:
+                with stopped(pid):
+                    done = max(reported_epochs(run).values(), default=0)
+                    if 2 <= done < epochs:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append((done, time.time()))
+            except ProcessLookupError:
+                continue
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
-def test_a_killed_search_resumes_without_rerunning_or_duplicating(
+def test_a_trial_whose_worker_dies_is_retried_from_its_checkpoint_and_finishes(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from search.cli import main
+
+    epochs = 5
+    space = space_file(tmp_path, f"""
+scheduler: {{name: fifo, max_epochs: {epochs}}}
+fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
+search:
+  lr: {{type: float, low: 0.01, high: 0.1, log: true}}
+""")
+    killed: list[tuple[int, float]] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=kill_worker_mid_trial,
+                              args=(tmp_path / "r", epochs, killed, stop), daemon=True)
+    killer.start()
+    try:
+        main(["search", "--space", str(space), "--data", tiny_images(tmp_path), "--trials", "1",
+              "--storage", str(tmp_path), "--name", "r", "--max-failures", "1"])
+    finally:
+        stop.set()
+        killer.join()
+    out = capsys.readouterr().out
+    assert killed, "the trial finished before its worker could be killed"
+
+    trials = pq.read_table(tmp_path / "r" / TRIALS_FILE).to_pylist()
+    epochs_rows = pq.read_table(tmp_path / "r" / EPOCHS_FILE).to_pylist()
+    assert [(t["status"], t["epochs_run"]) for t in trials] == [("TERMINATED", epochs)]
+    assert sorted(r["epoch"] for r in epochs_rows) == list(range(1, epochs + 1))
+    assert started_lines(out) == {trials[0]["trial_id"]: 2}, out  # one retry
+    # it went on from its checkpoint: the epochs before the kill were not trained again
+    done, kill_time = killed[0]
+    assert all(r["end_time"] < kill_time for r in epochs_rows if r["epoch"] < done)
+    assert all(r["end_time"] > kill_time for r in epochs_rows if r["epoch"] > done)
+
+
+def finished(run: Path, epochs: int) -> int:
+    return sum(done == epochs for done in reported_epochs(run).values())
+
+
+def kill_when(driver: subprocess.Popen[bytes], run: Path, moment: Callable[[], bool],
+              log: Path) -> None:
+    """SIGKILL the driver at the first check at which `moment()` holds. The driver is frozen
+    during each check, so what the check saw is where the driver is killed."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        assert driver.poll() is None, f"the driver ended first:\n{log.read_text()[-3000:]}"
+        with stopped(driver.pid):
+            if moment():
+                driver.kill()
+                break
+        time.sleep(0.05)
+    driver.wait()
+    assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+
+
+def searcher_state(run: Path) -> dict[str, Any]:
+    """The OptunaSearch state Tune saved in the run directory (its Optuna study included)."""
+    newest = max(run.glob("searcher-state-*.pkl"))  # named by session start, as Tune picks
+    with newest.open("rb") as f:
+        state: dict[str, Any] = pickle.load(f)
+    return state
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sampler_history(
         tmp_path: Path, ray_session: None) -> None:
+    """SIGKILL of the driver right after the first epoch, after some trials and after most
+    trials finished; `--resume` each time. Every epoch is in epochs.parquet once, finished
+    trials are not trained again, and the trials sampled after the last resume are TPE's
+    model draws over the history from before the kill."""
     import ray
 
     from search.cli import main
 
-    space = search_space_file(tmp_path, max_epochs=3)
-    space.write_text(space.read_text().replace("name: asha", "name: fifo"))
+    n_trials, epochs, concurrent = 16, 3, 2
+    space = space_file(tmp_path, f"""
+sampler: tpe
+scheduler: {{name: fifo, max_epochs: {epochs}}}
+fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
+search:
+  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
+  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
+""")
     address = ray.get_runtime_context().gcs_address
-    run = tmp_path / "k"
-    driver = subprocess.Popen(
-        resnet_hpo("search", "--space", str(space), "--data", "digits", "--trials", "5",
-                   "--storage", str(tmp_path), "--name", "k", "--address", address,
-                   "--max-concurrent", "2"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        finished = [r for r in read_rows(run / TRIALS_FILE) if r["status"] == "TERMINATED"]
-        if len(finished) >= 2:
-            break
-        time.sleep(1)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    assert len(finished) >= 2, "no trial finished before the deadline"
-    before = {(r["trial_id"], r["epoch"]): r["end_time"] for r in read_rows(run / EPOCHS_FILE)}
+    run, log = tmp_path / "k", tmp_path / "driver.log"
+    storage = ["--storage", str(tmp_path), "--name", "k", "--address", address]
+    # Between two checks at most `concurrent` trials finish (a new trial cannot start, let
+    # alone run 3 epochs, in 50 ms), so each moment is seen before the next one passes. At
+    # the last, 12 or 13 trials have finished, at most `concurrent` more have been sampled,
+    # and the driver has told the sampler of all but the last `concurrent` of them: some
+    # trials are sampled after the resume, with over n_startup_trials (10) finished.
+    late = n_trials - 2 * concurrent
+    moments = {"early": lambda: bool(reported_epochs(run)),
+               "middle": lambda: finished(run, epochs) >= concurrent,
+               "late": lambda: finished(run, epochs) >= late}
+    finished_before: dict[tuple[str, int], float] = {}
+    for i, moment in enumerate(moments.values()):
+        with log.open("ab") as out:
+            driver = subprocess.Popen(
+                resnet_hpo("search", *storage, "--resume") if i else resnet_hpo(
+                    "search", "--space", str(space), "--data", tiny_images(tmp_path),
+                    "--trials", str(n_trials), "--max-concurrent", str(concurrent), *storage),
+                stdout=out, stderr=subprocess.STDOUT)
+        kill_when(driver, run, moment, log)
+        done = {r["trial_id"] for r in read_rows(run / TRIALS_FILE) if r["status"] == "TERMINATED"}
+        finished_before.update({(r["trial_id"], r["epoch"]): r["end_time"]
+                                for r in read_rows(run / EPOCHS_FILE) if r["trial_id"] in done})
 
+    resumed = datetime.now()
     main(["search", "--storage", str(tmp_path), "--name", "k", "--resume"])
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
-    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
-    assert len(trials) == 5 and set(trials.status) == {"TERMINATED"}
-    assert sorted(epochs.groupby("trial_id").epoch.apply(list).sum()) == sorted([1, 2, 3] * 5)
-    for row in finished:  # finished trials were not trained again
-        for epoch in (1, 2, 3):
-            ended = epochs[(epochs.trial_id == row["trial_id"]) & (epochs.epoch == epoch)]
-            assert ended.end_time.item() == before[row["trial_id"], epoch]
+    rows = pq.read_table(run / EPOCHS_FILE).to_pandas()
+    assert len(trials) == n_trials and set(trials.status) == {"TERMINATED"}
+    for trial_id, trial_epochs in rows.groupby("trial_id").epoch:
+        assert sorted(trial_epochs) == [1, 2, 3], trial_id  # no gap, no duplicate
+    assert set(rows.trial_id) == set(trials.trial_id)
+    for (trial_id, epoch), end_time in finished_before.items():  # not trained again
+        again = rows[(rows.trial_id == trial_id) & (rows.epoch == epoch)]
+        assert again.end_time.item() == end_time
+
+    # The sampler kept its history: every trial is in the Optuna study with its value ...
+    state = searcher_state(run)
+    study, by_trial = state["_ot_study"], state["_ot_trials"]
+    assert len(study.trials) == n_trials and set(by_trial) == set(trials.trial_id)
+    for row in trials.itertuples():
+        told = study.trials[by_trial[row.trial_id].number]
+        assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
+        assert told.params == pytest.approx({"lr": row.lr,
+                                             "label_smoothing": row.label_smoothing})
+    # ... and the trials sampled after the last resume came from TPE's model (which needs
+    # n_startup_trials finished trials), with too few finished since the resume to count.
+    n_startup = state["_sampler"]._n_startup_trials
+    after = [t for t in study.trials if t.datetime_start >= resumed]
+    assert after, "every trial was sampled before the last kill"
+    for trial in after:
+        history = [t for t in study.trials if t.datetime_complete is not None
+                   and t.datetime_complete < trial.datetime_start]
+        assert len(history) >= n_startup
+        assert sum(t.datetime_complete >= resumed for t in history) < n_startup
+        assert any(key.startswith("tpe:relative_params") for key in trial.system_attrs)

@@ -1,11 +1,19 @@
+import posixpath
+import shutil
 from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import pytest
 import torch
 from torch import nn
+from torchvision.models import ResNet18_Weights
 
 from trainable import TrainConfig, UserError
 from trainable.model import build_model, build_optimizer, param_groups, set_train_mode
+
+# The file name torchvision caches the ImageNet weights under.
+IMAGENET_FILE = posixpath.basename(urlparse(ResNet18_Weights.IMAGENET1K_V1.url).path)
 
 TRAINED_PREFIXES = {
     0: ("fc.",),
@@ -120,15 +128,47 @@ def test_missing_weights_file_names_the_alternatives(tmp_path: Path) -> None:
         build_model(TrainConfig(weights=str(tmp_path / "absent.pth")), 3)
 
 
-def test_imagenet_weights_offline_suggest_a_file_or_none(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
-    import urllib.request
+@pytest.fixture
+def empty_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torchvision's weights cache in an empty directory: TORCH_HOME/hub/checkpoints."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # no torch.hub.set_dir from elsewhere
+    return tmp_path / "torch" / "hub" / "checkpoints"
 
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("network is unreachable")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+def test_imagenet_weights_offline_suggest_a_file_or_none(
+        monkeypatch: pytest.MonkeyPatch, empty_torch_home: Path) -> None:
+    downloads: list[tuple[str, str]] = []
+
+    def offline(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        downloads.append((url, dst))
+        raise URLError("[Errno 101] Network is unreachable")
+
+    # torch.hub.load_state_dict_from_url downloads through this on any machine, online or not
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError) as err:
         build_model(TrainConfig(weights="imagenet"), 3)
-    assert "--weights PATH" in str(err.value) and "--weights none" in str(err.value)
+    message = str(err.value)
+    assert downloads == [(ResNet18_Weights.IMAGENET1K_V1.url,
+                          str(empty_torch_home / IMAGENET_FILE))]
+    assert "\n" not in message and message.startswith("weights 'imagenet': not in torchvision's "
+                                                      f"cache ({empty_torch_home.parent})")
+    assert "Network is unreachable" in message
+    assert "--weights PATH" in message and "--weights none" in message
+
+
+def test_imagenet_weights_in_the_cache_load_without_the_network(
+        monkeypatch: pytest.MonkeyPatch, empty_torch_home: Path,
+        resnet18_weights_file: Path) -> None:
+    empty_torch_home.mkdir(parents=True)
+    shutil.copy(resnet18_weights_file, empty_torch_home / IMAGENET_FILE)
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        pytest.fail("the cached weights should have been used")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    model = build_model(TrainConfig(weights="imagenet"), 3)
+    saved = torch.load(resnet18_weights_file, weights_only=True)
+    assert torch.equal(model.layer4[1].conv2.weight, saved["layer4.1.conv2.weight"])
+    assert torch.equal(model.bn1.running_var, saved["bn1.running_var"])
+    assert model.fc.out_features == 3

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 import optuna
 import pyarrow.parquet as pq
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from search.cli import main
 from search.driver import check_resources, make_sampler, request_from_args
+from search.ensemble import ensemble_command
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
 from spaces import DefineByRun, load_space
 from tests.conftest import search_space_file
+from trainable import TrainConfig, load_dataset
 from trainable.errors import UserError
+from trainable.saved import load_checkpoint_dir, load_classifier
+from trainable.train import DeviceImages, Runtime, evaluate
 
 pytestmark = pytest.mark.ray
 
@@ -48,7 +54,9 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
         assert best.val_acc.item() == row.best_val_acc == row.best_metric
     assert trials.best_val_acc.max() > 0.3  # 10 classes: well above chance
 
-    described = duckdb.sql(f"DESCRIBE SELECT * FROM '{run / TRIALS_FILE}'").fetchall()
+    relation = duckdb.sql(f"DESCRIBE SELECT * FROM '{run / TRIALS_FILE}'")
+    assert relation is not None
+    described = relation.fetchall()
     types = {row[0]: row[1] for row in described}
     assert types["lr"] == "DOUBLE" and types["epochs_run"] == "BIGINT"
     assert types["nesterov"] == "BOOLEAN" and types["optimizer"] == "VARCHAR"
@@ -61,6 +69,64 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
         assert len(events.Scalars("val_acc")) == trials.set_index("trial_id").epochs_run[trial_id]
         plugins = events.PluginTagToContent("hparams")
         assert "_hparams_/session_start_info" in plugins
+
+
+# val_loss as the search metric: at a constant lr of 0.5 the momentum-0.9 trial's val_loss
+# is lowest at epoch 2 of 4 and the momentum-0.8 trial's at its last (seed 0 samples both).
+VAL_LOSS_SPACE = """
+metric: val_loss
+sampler: random
+scheduler: {name: fifo, max_epochs: 4}
+resources: {cpus_per_trial: 1}
+fixed: {resolution: 8, weights: none, batch_size: 32, unfreeze_depth: 0, warmup_epochs: 0,
+        label_smoothing: 0.0, lr: 0.5, min_lr: 0.5}
+search:
+  momentum: {type: categorical, choices: [0.9, 0.8]}
+"""
+
+
+@pytest.mark.slow
+def test_a_val_loss_search_keeps_ranks_and_loads_the_lowest_val_loss_epoch(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(VAL_LOSS_SPACE)
+    run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "2",
+                 "--seed", "0", "--max-concurrent", "2")
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
+    assert sorted(trials.momentum) == [0.8, 0.9] and set(trials.status) == {"TERMINATED"}
+    data = load_dataset("digits", 8, TrainConfig().val_fraction)
+    members = {m["trial_id"]: m for m in ensemble_command(
+        str(run), 2, "average", str(tmp_path / "ensemble"), device="cpu")["members"]}
+    for row in trials.itertuples():
+        mine = epochs[epochs.trial_id == row.trial_id].sort_values("epoch")
+        assert list(mine.epoch) == [1, 2, 3, 4]
+        lowest, last = mine.loc[mine.val_loss.idxmin()], mine.iloc[-1]
+        assert row.best_metric == row.best_val_loss == lowest.val_loss
+        assert (row.best_epoch, row.best_val_acc) == (lowest.epoch, lowest.val_acc)
+
+        # `ensemble` and `predict` load a trial's checkpoint: the lowest-val_loss weights
+        saved = load_checkpoint_dir(Path(row.checkpoint_path))
+        assert saved.metrics["best_epoch"] == row.best_epoch
+        rt = Runtime.for_config(saved.cfg, "cpu")
+        val_loss, val_acc = evaluate(saved.model, DeviceImages(data.val, rt.device), rt,
+                                     2 * saved.cfg.batch_size)
+        assert (val_loss, val_acc) == (pytest.approx(lowest.val_loss, rel=1e-5),
+                                       pytest.approx(lowest.val_acc))
+        if last.val_loss != lowest.val_loss:
+            assert val_loss != pytest.approx(last.val_loss, rel=1e-3)
+        classifier = load_classifier(Path(row.checkpoint_path))  # what `predict` runs
+        with torch.no_grad():
+            probs = classifier.module(torch.from_numpy(data.val.images).float() / 255)
+        nll = -probs[torch.arange(len(probs)), torch.from_numpy(data.val.labels)].log().mean()
+        assert nll.item() == pytest.approx(lowest.val_loss, rel=1e-4)
+        assert members[row.trial_id]["val_acc"] == pytest.approx(lowest.val_acc)
+    assert (trials.best_epoch < 4).any(), "val_loss fell every epoch: best and last coincide"
+
+    main(["best", str(run)])
+    best = trials.loc[trials.best_metric.idxmin()]
+    assert (f"best trial {best.trial_id} of 2: val_loss {best.best_metric:.4f} at epoch "
+            f"{best.best_epoch}") in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -152,6 +218,37 @@ def test_bad_search_input_is_one_line_before_ray_starts(
         expected: str) -> None:
     err = one_line_error(capsys, ["search", "--storage", str(tmp_path), *flags])
     assert expected in err
+
+
+def never(what: str) -> Callable[..., None]:
+    def called(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"a bad input should be refused before anything tries to {what}")
+    return called
+
+
+@pytest.mark.parametrize(("lines", "expected"), [
+    ("search:\n  warmup_epoch: {type: float, low: 0, high: 1}",
+     "search: unknown key 'warmup_epoch'; did you mean 'warmup_epochs'?"),
+    ("search:\n  lr: {type: float, low: -0.1, high: 0.1}",
+     "key 'search.lr': must be in (0, 10], got -0.1"),
+    ("fixed: {lr: -0.1}", "config key 'lr': must be in (0, 10], got -0.1"),
+    ("search:\n  momentum: {type: float, low: 0.8, high: 0.99, when: {optimiser: sgd}}",
+     "key 'search.momentum.when' refers to 'optimiser'"),
+])
+def test_a_bad_space_file_is_refused_before_ray_starts_or_data_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        lines: str, expected: str) -> None:
+    import ray
+
+    monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
+    monkeypatch.setattr(ray, "init", never("start or join Ray"))
+    monkeypatch.setattr("search.driver.load_dataset", never("decode the data"))
+    space = tmp_path / "space.yaml"
+    space.write_text(f"fixed: {{weights: none}}\n{lines}\n")
+    err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits",
+                                  "--storage", str(tmp_path / "runs"), "--name", "bad"])
+    assert err.startswith(f"resnet-hpo: error: {space}: ") and expected in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path: Path,

@@ -172,7 +172,7 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path,
     again = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
     assert straight["epoch"] == again["epoch"] == 3
 
-    def accuracies(history: list[dict[str, float]]) -> list[tuple[int, float]]:
+    def accuracies(history: list[dict[str, float]]) -> list[tuple[float, float]]:
         return [(m["epoch"], m["val_acc"]) for m in history]
 
     assert accuracies(straight["history"]) == accuracies(again["history"])
