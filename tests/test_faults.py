@@ -119,6 +119,7 @@ def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> Non
     trial = SimpleNamespace(trial_id="t1", config={"weights": "none"}, last_result={})
     writer.on_trial_result(0, [], trial, {"diverged": "training loss became nan"})  # type: ignore
     writer.on_trial_complete(0, [], trial)  # type: ignore[arg-type]
+    writer.on_experiment_end([])
     row = pq.read_table(tmp_path / TRIALS_FILE).to_pylist()[0]
     assert (row["status"], row["error"]) == ("ERROR", "training loss became nan")
 
