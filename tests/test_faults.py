@@ -152,10 +152,14 @@ def test_resume_refuses_tune_state_cut_off_by_a_kill(tmp_path: Path) -> None:
 def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]],
                           stop: threading.Event) -> None:
     """SIGKILL the trial's worker once its checkpoints hold epoch 2 (so the driver has epoch
-    1) and not yet the last epoch. The worker is frozen while its files are read, so the
-    kill lands before the last epoch whatever the machine's speed."""
+    1) and not yet the last epoch. The worker is frozen while its files are read, so what the
+    check saw is where it dies; between checks (20 ms) it cannot write three 90 MB
+    checkpoints, so a check sees it inside that window."""
+    pid: int | None = None
     while not stop.is_set() and not killed:
-        for pid in trial_worker_pids():
+        if pid is None or not Path(f"/proc/{pid}").exists():
+            pid = next(iter(trial_worker_pids()), None)
+        if pid is not None:
             try:
                 with stopped(pid):
                     done = max(reported_epochs(run).values(), default=0)
@@ -163,8 +167,8 @@ def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]
                         os.kill(pid, signal.SIGKILL)
                         killed.append((done, time.time()))
             except ProcessLookupError:
-                continue
-        time.sleep(0.01)
+                pid = None
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
