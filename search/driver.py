@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir
+from search.tune_state import tune_state_problem
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
 from trainable.data import Dataset, load_dataset
 from trainable.errors import UserError
@@ -228,6 +229,12 @@ def run_search(request: SearchRequest, resume: bool) -> None:
     if resume:
         if not tune.Tuner.can_restore(run.uri):
             raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
+        problem = tune_state_problem(run)
+        if problem:  # Tune would log it, then run a new search here
+            raise UserError(f"--resume: {problem}: the search was killed while Ray Tune saved "
+                            "its state, which it cannot restore; `resnet-hpo results` still "
+                            "reads the finished trials; start the search again with another "
+                            "--name")
         tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
                                    resume_unfinished=True, resume_errored=True)
         print(f"resuming {run.uri}", flush=True)

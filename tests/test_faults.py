@@ -10,6 +10,7 @@ the epoch it is in, since a trial's report waits for the driver.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -27,7 +28,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from search.rundir import EPOCHS_FILE, TRIALS_FILE
+from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir
+from search.tune_state import tune_state_problem
 from tests.conftest import reported_epochs, stopped, trial_worker_pids, write_class_tree
 
 pytestmark = pytest.mark.ray
@@ -124,13 +126,41 @@ def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> Non
     assert (row["status"], row["error"]) == ("ERROR", "training loss became nan")
 
 
+def test_resume_refuses_tune_state_cut_off_by_a_kill(tmp_path: Path) -> None:
+    """Tune copies its state into the run directory in place; a kill mid-copy cuts a file."""
+    run = RunDir.open(tmp_path)
+    run.write_json("experiment_state-2026-01-01_00-00-00.json", {"trial_data": []})
+    run.write_bytes("experiment_state-2026-01-02_00-00-00.json", b'{"trial_data": [')
+    run.write_bytes("search_gen_state-2026-01-02_00-00-00.json", pickle.dumps({"counter": 3}))
+    run.write_bytes("searcher-state-2026-01-02_00-00-00.pkl", pickle.dumps(list(range(99))))
+    run.write_bytes("tuner.pkl", pickle.dumps({"trainable": "train_trial"}))
+    problem = tune_state_problem(run)  # the newest experiment state, as Tune would read it
+    assert problem is not None and problem.startswith(
+        f"{tmp_path}/experiment_state-2026-01-02_00-00-00.json is cut off (")
+    run.write_json("experiment_state-2026-01-02_00-00-00.json", {"trial_data": []})
+    assert tune_state_problem(run) is None
+    for name in ("searcher-state-2026-01-02_00-00-00.pkl", "tuner.pkl"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(whole[:len(whole) // 2])
+        problem = tune_state_problem(run)
+        assert problem is not None and problem.startswith(f"{tmp_path}/{name} is cut off (")
+        (tmp_path / name).write_bytes(whole)
+    (tmp_path / "search_gen_state-2026-01-02_00-00-00.json").write_bytes(b"")
+    assert tune_state_problem(run) == (f"{tmp_path}/search_gen_state-2026-01-02_00-00-00.json "
+                                       "is cut off (empty)")
+
+
 def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]],
                           stop: threading.Event) -> None:
     """SIGKILL the trial's worker once its checkpoints hold epoch 2 (so the driver has epoch
-    1) and not yet the last epoch. The worker is frozen while its files are read, so the
-    kill lands before the last epoch whatever the machine's speed."""
+    1) and not yet the last epoch. The worker is frozen while its files are read, so what the
+    check saw is where it dies; between checks (20 ms) it cannot write three 90 MB
+    checkpoints, so a check sees it inside that window."""
+    pid: int | None = None
     while not stop.is_set() and not killed:
-        for pid in trial_worker_pids():
+        if pid is None or not Path(f"/proc/{pid}").exists():
+            pid = next(iter(trial_worker_pids()), None)
+        if pid is not None:
             try:
                 with stopped(pid):
                     done = max(reported_epochs(run).values(), default=0)
@@ -138,8 +168,8 @@ def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]
                         os.kill(pid, signal.SIGKILL)
                         killed.append((done, time.time()))
             except ProcessLookupError:
-                continue
-        time.sleep(0.01)
+                pid = None
+        time.sleep(0.02)
 
 
 @pytest.mark.slow
@@ -183,15 +213,37 @@ def finished(run: Path, epochs: int) -> int:
     return sum(done == epochs for done in reported_epochs(run).values())
 
 
+def resume_needs_checkpoint_rows(run: Path) -> bool:
+    """Whether the Tune state that `--resume` restores (the newest experiment_state file)
+    holds a trial at an epoch whose rows epochs.parquet lacks (flushed every 10 s): such a
+    trial goes on after that epoch, so only the rows in its checkpoint can fill the gap."""
+    states = sorted(run.glob("experiment_state-*.json"))  # named by session start
+    try:
+        trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError, KeyError):
+        return False  # being written
+    flushed: dict[str, set[int]] = {}
+    for row in read_rows(run / EPOCHS_FILE):
+        flushed.setdefault(row["trial_id"], set()).add(row["epoch"])
+    for _, metadata in trial_data:
+        last = json.loads(metadata).get("last_result") or {}
+        if last.get("epoch") and not set(range(1, last["epoch"] + 1)) <= flushed.get(
+                last["trial_id"], set()):
+            return True
+    return False
+
+
 def kill_when(driver: subprocess.Popen[bytes], run: Path, moment: Callable[[], bool],
               log: Path) -> None:
     """SIGKILL the driver at the first check at which `moment()` holds. The driver is frozen
-    during each check, so what the check saw is where the driver is killed."""
+    during each check, so what the check saw is where the driver is killed. Not while Tune
+    is copying its state into the run directory: a file cut off there cannot be resumed from
+    (`--resume` says so; see search/tune_state.py)."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert driver.poll() is None, f"the driver ended first:\n{log.read_text()[-3000:]}"
         with stopped(driver.pid):
-            if moment():
+            if moment() and tune_state_problem(RunDir.open(run)) is None:
                 driver.kill()
                 break
         time.sleep(0.05)
@@ -210,10 +262,11 @@ def searcher_state(run: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sampler_history(
         tmp_path: Path, ray_session: None) -> None:
-    """SIGKILL of the driver right after the first epoch, after some trials and after most
-    trials finished; `--resume` each time. Every epoch is in epochs.parquet once, finished
-    trials are not trained again, and the trials sampled after the last resume are TPE's
-    model draws over the history from before the kill."""
+    """SIGKILL of the driver early (Tune's saved state holds an epoch that epochs.parquet
+    lacks), after some trials and after most trials finished; `--resume` each time. Every
+    epoch is in epochs.parquet once, finished trials are not trained again, and the trials
+    sampled after the last resume are TPE's model draws over the history from before the
+    kill."""
     import ray
 
     from search.cli import main
@@ -236,7 +289,9 @@ search:
     # and the driver has told the sampler of all but the last `concurrent` of them: some
     # trials are sampled after the resume, with over n_startup_trials (10) finished.
     late = n_trials - 2 * concurrent
-    moments = {"early": lambda: bool(reported_epochs(run)),
+    # Early: the first result is flushed at once, the next ones within 10 s are not; should
+    # no check fall in that gap, the first finished trial ends the wait.
+    moments = {"early": lambda: resume_needs_checkpoint_rows(run) or finished(run, epochs) > 0,
                "middle": lambda: finished(run, epochs) >= concurrent,
                "late": lambda: finished(run, epochs) >= late}
     finished_before: dict[tuple[str, int], float] = {}
