@@ -83,10 +83,10 @@ def whole_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list[str]:
-    # trial_dirname: the trial folders' names, as search.driver.trial_dirname makes them
     """Give every unfinished trial whose checkpoint (as Tune's newest state names it) is gone
     or cut short its newest whole checkpoint under that name. Returns one line per trial
-    mended."""
+    mended. `trial_dirname`: the trial folders' names, as search.driver.trial_dirname makes
+    them."""
     names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
              if info.type == pafs.FileType.File]
     states = fnmatch.filter(names, "experiment_state-*.json")
