@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir
-from search.tune_state import tune_state_problem
+from search.tune_state import mend_trial_checkpoints, tune_state_problem
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
 from trainable.data import Dataset, load_dataset
 from trainable.errors import UserError
@@ -235,6 +235,8 @@ def run_search(request: SearchRequest, resume: bool) -> None:
                             "its state, which it cannot restore; `resnet-hpo results` still "
                             "reads the finished trials; start the search again with another "
                             "--name")
+        for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
+            print(line, flush=True)
         tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
                                    resume_unfinished=True, resume_errored=True)
         print(f"resuming {run.uri}", flush=True)

@@ -83,7 +83,9 @@ class ResultsWriter(tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        self._restore_rows(trial)
+        # Read the checkpoint's rows even when Tune's last result says the files have them:
+        # a checkpoint mended on --resume (search/tune_state.py) holds later epochs.
+        self._restore_rows(trial, trust_last_result=False)
         self._update(trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
@@ -120,7 +122,7 @@ class ResultsWriter(tune.Callback):
             return f"{self.run_uri.split('://', 1)[0]}://{path}"
         return path
 
-    def _restore_rows(self, trial: Trial) -> bool:
+    def _restore_rows(self, trial: Trial, trust_last_result: bool = True) -> bool:
         """Add the rows of the trial's latest checkpoint that the files lack; True if the
         trial has a checkpoint."""
         checkpoint = trial.checkpoint
@@ -129,12 +131,16 @@ class ResultsWriter(tune.Callback):
         self.checkpoints[trial.trial_id] = self._uri(checkpoint.path)
         known = self.epochs.setdefault(trial.trial_id, {})
         saved = trial.latest_checkpoint_result
-        if saved is not None and int(saved.metrics.get("epoch", 0)) <= max(known, default=0):
+        if (trust_last_result and saved is not None
+                and int(saved.metrics.get("epoch", 0)) <= max(known, default=0)):
             return True
         where = posixpath.join(checkpoint.path, TRIAL_EPOCHS_FILE)
         assert checkpoint.filesystem is not None  # a Tune checkpoint always has one
-        with checkpoint.filesystem.open_input_stream(where) as f:
-            rows = parse_trial_epochs(f.read().decode(), self._uri(where))
+        try:
+            with checkpoint.filesystem.open_input_stream(where) as f:
+                rows = parse_trial_epochs(f.read().decode(), self._uri(where))
+        except OSError:  # gone (see search/tune_state.py): Tune reports the trial failed
+            return True
         for row in rows:
             if int(row["epoch"]) not in known:
                 known[int(row["epoch"])] = {**{key: row.get(key) for key in EPOCH_COLUMNS},

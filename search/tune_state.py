@@ -1,11 +1,19 @@
-"""The Ray Tune state of a search in its run directory, checked before `--resume`.
+"""The Ray Tune state of a search in its run directory, checked and mended before `--resume`.
 
-Ray Tune (2.60) writes its state in the driver's staging directory and copies it into the
-run directory file by file, after every trial checkpoint, by writing each file in place. A
-driver killed during such a copy leaves a file cut short. `Tuner.restore` then fails, logs
-"Failed to restore the run state", and runs a new search with a fresh sampler in the same
-run directory, which then reports success. A cut-off file is found here first, without
-unpickling anything: only the newest file of each kind is read, as Tune reads them.
+Two moments of a Ray Tune (2.60) run leave a state that Tune cannot restore from when the
+driver is killed in them:
+
+- Tune writes its state in the driver's staging directory and copies it into the run
+  directory file by file, after every trial checkpoint, writing each file in place. A kill
+  during a copy leaves a file cut short; `Tuner.restore` then fails, logs "Failed to restore
+  the run state", and runs a new search with a fresh sampler in the same run directory,
+  which then reports success. `tune_state_problem` finds such a file first, without
+  unpickling anything (only the newest file of each kind, as Tune reads them).
+- With num_to_keep=1 Tune deletes a trial's previous checkpoint as it registers the new one,
+  before that state reaches the run directory. A kill in between leaves a state that names
+  the deleted checkpoint: Tune fails to restore the trial, and the results writer finds no
+  rows there. `mend_trial_checkpoints` puts the trial's newest whole checkpoint (the one
+  Tune registered) under the name the state gives; the trial goes on from there.
 """
 
 from __future__ import annotations
@@ -13,10 +21,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import pickletools
+import posixpath
+import zipfile
 
 import pyarrow.fs as pafs
 
 from search.rundir import RunDir
+from trainable.saved import CHECKPOINT_FILE, CONFIG_FILE, TRIAL_EPOCHS_FILE
 
 # (pattern, format) of the files Tune restores from; of each pattern Tune reads the newest
 # by name (the names hold the session's start time).
@@ -54,3 +65,57 @@ def tune_state_problem(run: RunDir) -> str | None:
         if problem:
             return f"{run.uri_of(newest)} is cut off ({problem})"
     return None
+
+
+def whole_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
+    """A trial checkpoint directory with all its files, none cut short (checkpoint.pt is a
+    zip archive: its directory is at the end)."""
+    try:
+        with fs.open_input_stream(posixpath.join(path, TRIAL_EPOCHS_FILE)) as f:
+            if not isinstance(json.loads(f.read()), list):
+                return False
+        if fs.get_file_info(posixpath.join(path, CONFIG_FILE)).type != pafs.FileType.File:
+            return False
+        with fs.open_input_file(posixpath.join(path, CHECKPOINT_FILE)) as f:
+            return zipfile.is_zipfile(f)
+    except (OSError, ValueError):
+        return False
+
+
+def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list[str]:
+    """Give every unfinished trial whose checkpoint (as Tune's newest state names it) is gone
+    or cut short its newest whole checkpoint under that name. Returns one line per trial
+    mended. `trial_dirname`: the trial folders' names, as search.driver.trial_dirname makes
+    them."""
+    names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
+             if info.type == pafs.FileType.File]
+    states = fnmatch.filter(names, "experiment_state-*.json")
+    if not states:
+        return []
+    with run.fs.open_input_stream(run.join(max(states))) as f:
+        trial_data = json.loads(f.read())["trial_data"]
+    mended = []
+    for trial_json, metadata_json in trial_data:
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        named = (metadata.get("last_result") or {}).get("checkpoint_dir_name")
+        if trial.get("status") == "TERMINATED" or not named:
+            continue
+        trial_dir = run.join(trial_dirname.format(trial["trial_id"]))
+        target = posixpath.join(trial_dir, named)
+        if whole_checkpoint(run.fs, target):
+            continue
+        siblings = sorted((info.path for info in run.fs.get_file_info(
+            pafs.FileSelector(trial_dir, allow_not_found=True))
+            if info.type == pafs.FileType.Directory and info.base_name.startswith(
+                "checkpoint_")), reverse=True)
+        newest = next((path for path in siblings if whole_checkpoint(run.fs, path)), None)
+        if newest is None:
+            continue  # nothing to go on from: Tune reports the trial failed
+        if run.fs.get_file_info(target).type != pafs.FileType.NotFound:
+            run.fs.delete_dir(target)
+        run.fs.create_dir(target, recursive=True)
+        pafs.copy_files(newest, target, source_filesystem=run.fs,
+                        destination_filesystem=run.fs)
+        mended.append(f"trial {trial['trial_id']} goes on from {posixpath.basename(newest)}: "
+                      f"Tune's state names {named}, which was gone or cut short")
+    return mended

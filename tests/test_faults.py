@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,30 @@ def kill_when(driver: subprocess.Popen[bytes], run: Path, moment: Callable[[], b
     assert driver.returncode == -signal.SIGKILL, log.read_text()[-3000:]
 
 
+def lose_named_checkpoints(run: Path) -> list[str]:
+    """Make the run directory look as it does after a kill between Tune registering a
+    trial's new checkpoint (deleting the previous one) and its state reaching the run
+    directory: the checkpoint the saved state names is gone, a whole one with the next
+    number is there. Returns the unfinished trials whose named checkpoint is gone."""
+    deadline = time.monotonic() + 60
+    while trial_worker_pids() and time.monotonic() < deadline:  # the killed driver's trials
+        time.sleep(0.1)
+    trial_data = json.loads(max(run.glob("experiment_state-*.json")).read_text())["trial_data"]
+    gone = []
+    for trial_json, metadata_json in trial_data:
+        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+        named = (metadata.get("last_result") or {}).get("checkpoint_dir_name")
+        if trial["status"] == "TERMINATED" or not named:
+            continue
+        folder = run / f"trial_{trial['trial_id']}"
+        if (folder / named).is_dir():  # else Tune deleted it already: the real thing
+            newer = folder / f"checkpoint_{int(named.rsplit('_', 1)[1]) + 1:06d}"
+            shutil.rmtree(newer, ignore_errors=True)  # one the kill cut short, if any
+            (folder / named).rename(newer)
+        gone.append(trial["trial_id"])
+    return gone
+
+
 def searcher_state(run: Path) -> dict[str, Any]:
     """The OptunaSearch state Tune saved in the run directory (its Optuna study included)."""
     newest = max(run.glob("searcher-state-*.pkl"))  # named by session start, as Tune picks
@@ -263,10 +288,10 @@ def searcher_state(run: Path) -> dict[str, Any]:
 def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sampler_history(
         tmp_path: Path, ray_session: None) -> None:
     """SIGKILL of the driver early (Tune's saved state holds an epoch that epochs.parquet
-    lacks), after some trials and after most trials finished; `--resume` each time. Every
-    epoch is in epochs.parquet once, finished trials are not trained again, and the trials
-    sampled after the last resume are TPE's model draws over the history from before the
-    kill."""
+    lacks), after some trials finished (then the checkpoints Tune's state names are lost, as
+    a kill can leave them) and after most trials finished; `--resume` each time. Every epoch
+    is in epochs.parquet once, finished trials are not trained again, and the trials sampled
+    after the last resume are TPE's model draws over the history from before the kill."""
     import ray
 
     from search.cli import main
@@ -295,6 +320,7 @@ search:
                "middle": lambda: finished(run, epochs) >= concurrent,
                "late": lambda: finished(run, epochs) >= late}
     finished_before: dict[tuple[str, int], float] = {}
+    to_mend: list[str] = []
     for i, moment in enumerate(moments.values()):
         with log.open("ab") as out:
             driver = subprocess.Popen(
@@ -306,6 +332,11 @@ search:
         done = {r["trial_id"] for r in read_rows(run / TRIALS_FILE) if r["status"] == "TERMINATED"}
         finished_before.update({(r["trial_id"], r["epoch"]): r["end_time"]
                                 for r in read_rows(run / EPOCHS_FILE) if r["trial_id"] in done})
+        if i == 1:
+            to_mend = lose_named_checkpoints(run)
+    assert to_mend, "Tune's saved state held no unfinished trial with a checkpoint"
+    for trial_id in to_mend:  # the middle resume gave each its newest whole checkpoint
+        assert f"trial {trial_id} goes on from checkpoint_" in log.read_text()
 
     resumed = datetime.now()
     main(["search", "--storage", str(tmp_path), "--name", "k", "--resume"])
