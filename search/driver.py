@@ -1,8 +1,8 @@
 """`resnet-hpo search`: a space file becomes an OptunaSearch + ASHA run on Ray Tune.
 
 Everything the user gave is checked (space, data, resources, run name) before a trial
-starts; the dataset is decoded once here and shared with every trial through Ray's
-object store.
+starts; the dataset is decoded once here, at the largest resolution the space allows, and
+shared with every trial through Ray's object store.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def run_search(request: SearchRequest, resume: bool) -> None:
         raise UserError(f"--name {request.name}: {run.uri} already holds a search; add --resume "
                         "to continue it, or choose another --name")
     cfg = request.space.config({})
-    data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    data = load_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
     print(data.summary(), flush=True)
     start_ray(request.address)
     fits = check_resources(request)

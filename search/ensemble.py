@@ -1,10 +1,11 @@
 """`resnet-hpo ensemble`: combine the best trials of a search into one model.
 
 The top K trials (by the search metric at their best epoch) are loaded from their
-checkpoints and evaluated on the data each was trained on (its own resolution and stem;
-`search.ensemble_evaluation`). The result is one module (`trainable.fusion.EnsembleClassifier`:
-float RGB images in [0, 1] -> class probabilities), saved as an ensemble directory
-(`trainable.saved`) and, with --onnx, exported as one graph. With --method all every method
+checkpoints and evaluated on the data each was trained on (decoded at the search's
+resolution, resized to its own, with its own stem; `search.ensemble_evaluation`). The result
+is one module (`trainable.fusion.EnsembleClassifier`: float RGB images in [0, 1] -> class
+probabilities), saved as an ensemble directory (`trainable.saved`) and, with --onnx,
+exported as one graph. With --method all every method
 is evaluated on the same members and the one with the best val_acc is saved.
 """
 
@@ -213,7 +214,8 @@ def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
     with tempfile.TemporaryDirectory(prefix="resnet-hpo-ensemble-") as scratch:
         members = load_members(run, top, Path(scratch))
     methods = METHODS if method == "all" else (method,)
-    outputs = member_outputs(members, dev, with_features="concat" in methods)
+    outputs = member_outputs(members, dev, run.info.get("resolution"),
+                             with_features="concat" in methods)
     fits = [combine(m, outputs) for m in methods]
     chosen = max(fits, key=lambda f: f.scores.val_acc)  # of equals the first, the simplest
     out = Path(output) if output else default_output(run)

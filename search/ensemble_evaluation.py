@@ -69,18 +69,22 @@ class MemberOutputs:
     train_seconds: float = 0.0  # spent running the members over the training split
 
 
-def member_outputs(members: list[Member], device: torch.device,
+def member_outputs(members: list[Member], device: torch.device, decoded_resolution: int | None,
                    with_features: bool = False) -> MemberOutputs:
     """Every member's probabilities on the val and test splits of the data it was trained on;
     `with_features` adds its penultimate features there and on the training split.
 
-    Members sharing (data, resolution, val_fraction) share one decoded dataset.
+    The data is decoded at `decoded_resolution` (the search's, from search.json) and each
+    member resizes it to its own resolution, as its trial did; without it (or below a
+    member's resolution), at the member's. Members sharing (data, decoded resolution,
+    val_fraction) share one decoded dataset.
     """
     names = ("train", "val", "test") if with_features else ("val", "test")
     groups: dict[tuple[str, int, float], list[int]] = {}
     for i, m in enumerate(members):
         cfg = m.saved.cfg
-        groups.setdefault((cfg.data, cfg.resolution, cfg.val_fraction), []).append(i)
+        decoded = max(cfg.resolution, decoded_resolution or 0)
+        groups.setdefault((cfg.data, decoded, cfg.val_fraction), []).append(i)
     per_split: dict[str, list[SplitOutputs | None]] = {name: [None] * len(members)
                                                         for name in names}
     train_seconds = 0.0

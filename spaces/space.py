@@ -104,6 +104,24 @@ class SearchSpace:
             changes.update(fixed=merged, params=tuple(params))
         return dataclasses.replace(self, **changes)
 
+    @property
+    def decode_resolution(self) -> int:
+        """The side length the data is decoded at, once for the whole search: the largest
+        resolution a trial can ask for. Trials at a smaller one resize on their device."""
+        base = self.config({}).resolution
+        for p in self.params:
+            if p.name == "resolution":
+                d = p.distribution
+                if isinstance(d, optuna.distributions.IntDistribution):
+                    largest = d.high
+                else:
+                    assert isinstance(d, optuna.distributions.CategoricalDistribution)
+                    largest = max(TrainConfig.from_dict({"resolution": choice}).resolution
+                                  for choice in d.choices)
+                # a trial whose `when:` leaves resolution out gets TrainConfig's default
+                return max(largest, base) if p.when else largest
+        return base
+
     def config(self, sampled: dict[str, Any]) -> TrainConfig:
         """The full TrainConfig of a trial: defaults, then fixed values, then the sample."""
         return TrainConfig.from_dict({**self.fixed, "epochs": self.scheduler.max_epochs,
@@ -253,9 +271,9 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
     where = f"{src}: key 'search.{name}'"
     if name not in field_names():
         raise UserError(f"{src}: search: {unknown_key_message(name)}")
-    if name in ("data", "resolution", "epochs", "metric"):
+    if name in ("data", "epochs", "metric"):
         raise UserError(f"{where} cannot be searched: it is fixed for the whole search "
-                        "(--data, fixed.resolution, scheduler.max_epochs, metric)")
+                        "(--data, scheduler.max_epochs, metric)")
     if not isinstance(spec, dict):
         raise UserError(f"{where} must be a mapping with 'type', got {spec!r}")
     kind = spec.get("type")

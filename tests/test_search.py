@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ import optuna
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from search.cli import main
@@ -21,7 +23,8 @@ from spaces import DefineByRun, load_space
 from tests.conftest import search_space_file
 from trainable import TrainConfig, load_dataset
 from trainable.errors import UserError
-from trainable.saved import load_checkpoint_dir, load_classifier
+from trainable.model import ImageClassifier
+from trainable.saved import load_checkpoint_dir, load_classifier, load_ensemble_dir
 from trainable.train import DeviceImages, Runtime, evaluate
 
 pytestmark = pytest.mark.ray
@@ -127,6 +130,72 @@ def test_a_val_loss_search_keeps_ranks_and_loads_the_lowest_val_loss_epoch(
     best = trials.loc[trials.best_metric.idxmin()]
     assert (f"best trial {best.trial_id} of 2: val_loss {best.best_metric:.4f} at epoch "
             f"{best.best_epoch}") in capsys.readouterr().out
+
+
+# fc only on random features: 2 epochs at 16-32px reach 0.4-0.8 val_acc on digits in seconds
+RESOLUTION_SPACE = """
+metric: val_acc
+sampler: random
+scheduler: {name: fifo, max_epochs: 2}
+resources: {cpus_per_trial: 1}
+fixed: {weights: none, unfreeze_depth: 0, batch_size: 64, lr: 0.05, warmup_epochs: 0,
+        label_smoothing: 0.0}
+search:
+  resolution: {type: categorical, choices: [16, 24, 32]}
+"""
+
+
+@pytest.mark.slow
+def test_a_search_over_resolution_decodes_once_and_its_ensemble_predicts(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnxruntime
+
+    space = tmp_path / "space.yaml"
+    space.write_text(RESOLUTION_SPACE)
+    run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "3",
+                 "--seed", "1", "--max-concurrent", "3")
+    assert "359 test images at 32px" in capsys.readouterr().out  # one decode, at the largest
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    assert meta["resolution"] == 32 and meta["searched"] == ["resolution"]
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    assert set(trials.status) == {"TERMINATED"}
+    assert sorted(trials.resolution) == [16, 24, 32], "seed 1 no longer draws all three"
+    for row in trials.itertuples():
+        assert load_checkpoint_dir(Path(row.checkpoint_path)).cfg.resolution == row.resolution
+
+    result = ensemble_command(str(run), 3, "average", str(tmp_path / "ens"), onnx=True,
+                              device="cpu")
+    # every member is scored as its trial scored itself: decoded at 32px, resized to its own
+    best_val_acc = trials.set_index("trial_id").best_val_acc
+    for member in result["members"]:
+        assert member["val_acc"] == pytest.approx(best_val_acc[member["trial_id"]])
+    ensemble = load_ensemble_dir(tmp_path / "ens")
+    members = [m for m in ensemble.module.members if isinstance(m, ImageClassifier)]
+    assert sorted(m.resolution for m in members) == [16, 24, 32]
+    test = load_dataset("digits", 32, TrainConfig().val_fraction).test
+    assert test is not None
+    images = torch.from_numpy(test.images).float() / 255
+    with torch.no_grad():
+        probs = ensemble.module(images)
+    accuracy = (probs.argmax(-1) == torch.from_numpy(test.labels)).double().mean().item()
+    assert accuracy == pytest.approx(result["test_acc"], abs=1.5 / len(test))
+
+    originals = load_dataset("digits", 8, TrainConfig().val_fraction).test  # 8x8, as files
+    assert originals is not None
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i, image in enumerate(originals.images):
+        Image.fromarray(image[0]).save(folder / f"{i:03d}.png")
+    main(["predict", str(tmp_path / "ens"), str(folder), "--output", str(tmp_path / "p.csv"),
+          "--probabilities"])
+    with (tmp_path / "p.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    predicted = torch.tensor([[float(row[c]) for c in ensemble.spec.class_names] for row in rows])
+    assert torch.allclose(predicted, probs, atol=1e-4)
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "ens" / "ensemble.onnx"))
+    (onnx_probs,) = session.run(None, {"images": images[:16].numpy()})
+    assert onnx_probs == pytest.approx(probs[:16].numpy(), abs=1e-4)
 
 
 @pytest.mark.slow

@@ -60,7 +60,39 @@ def test_flag_override_fixes_a_searched_key_and_keeps_conditions_it_meets(tmp_pa
     assert adamw.config({}).optimizer == "adamw"
 
 
+RESOLUTIONS = """
+scheduler: {name: fifo, max_epochs: 2}
+fixed: {weights: none}
+search:
+  resolution: %s
+"""
+
+
+@pytest.mark.parametrize(("spec", "decoded"), [
+    ("{type: categorical, choices: [24, 16, 32]}", 32),
+    ("{type: int, low: 16, high: 40, step: 8}", 40),
+])
+def test_resolution_is_searched_from_one_decode_at_the_largest(tmp_path: Path, spec: str,
+                                                               decoded: int) -> None:
+    space = load_space(write(tmp_path, RESOLUTIONS % spec))
+    assert space.decode_resolution == decoded
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(0))
+    sampled = {space.config(DefineByRun(space)(study.ask())).resolution for _ in range(20)}
+    assert len(sampled) > 1 and max(sampled) <= decoded
+    assert space.replace(fixed={"resolution": 24}).decode_resolution == 24  # --resolution 24
+
+
+def test_a_conditional_resolution_decodes_for_the_trials_without_it_too(tmp_path: Path) -> None:
+    text = RESOLUTIONS % "{type: categorical, choices: [8, 16], when: {stem: cifar}}"
+    space = load_space(write(tmp_path, text + "  stem: {type: categorical, choices: "
+                                              "[cifar, imagenet]}\n"))
+    assert space.decode_resolution == 32  # the default, which imagenet-stem trials keep
+
+
 @pytest.mark.parametrize(("change", "expected"), [
+    ("search:\n  resolution: {type: categorical, choices: [16, 2048]}",
+     "key 'search.resolution': must be in [8, 1024], got 2048"),
+    ("search:\n  epochs: {type: int, low: 1, high: 3}", "key 'search.epochs' cannot be searched"),
     ("search:\n  warmup_epoch: {type: float, low: 0, high: 1}",
      "unknown key 'warmup_epoch'; did you mean 'warmup_epochs'?"),
     ("search:\n  lr: {type: float, low: 0.5, high: 0.1}", "key 'search.lr': low (0.5) must be < "

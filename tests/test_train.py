@@ -10,9 +10,9 @@ import torch.nn.functional as F
 import trainable.train as train_module
 from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, fit, load_dataset
 from trainable.augment import normalize
-from trainable.model import build_model
+from trainable.model import ImageClassifier, build_model
 from trainable.saved import CHECKPOINT_FILE
-from trainable.train import SaveCheckpoint
+from trainable.train import DeviceImages, Runtime, SaveCheckpoint, predict_outputs
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
                "epoch_time_s"}
@@ -137,9 +137,36 @@ def test_a_state_dict_weights_file_is_what_a_linear_probe_starts_from(
     assert state["fc.weight"].shape == (3, 512)
 
 
-def test_resolution_must_match_the_decoded_data(tiny: Dataset) -> None:
-    with pytest.raises(UserError, match="decoded at 16px, the config asks for 32px"):
+def test_a_resolution_above_the_decoded_one_is_refused(tiny: Dataset) -> None:
+    with pytest.raises(UserError, match=r"^config key 'resolution': the data was decoded at "
+                       r"16px, the config asks for 32px; a run can only use that resolution "
+                       r"or a smaller one$"):
         fit(tiny_config(resolution=32), data=tiny)
+
+
+def test_a_run_below_the_decoded_resolution_trains_and_evaluates_resized_batches(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[tuple[int, int]] = []
+    build = train_module.build_model
+
+    def recording_build(*args: Any) -> torch.nn.Module:
+        model = build(*args)
+        model.conv1.register_forward_pre_hook(lambda _, inputs: sizes.append(
+            tuple(inputs[0].shape[-2:])))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", recording_build)
+    cfg = tiny_config(resolution=8, crop="resized", flip="horizontal")
+    result = fit(cfg, data=tiny)
+    steps, val_batches = len(tiny.train) // cfg.batch_size, 1
+    assert sizes == [(8, 8)] * (steps + val_batches)
+    # the trial's own evaluation is what predict, ensemble and ONNX compute: the model at
+    # its resolution (ImageClassifier) on images decoded larger
+    rt = Runtime.for_config(cfg, "cpu")
+    logits = predict_outputs(result.model, DeviceImages(tiny.val, rt.device), rt, 5)
+    with torch.no_grad():
+        expected = ImageClassifier(result.model, 8)(torch.from_numpy(tiny.val.images) / 255)
+    assert torch.allclose(logits, expected, atol=1e-4)
 
 
 def test_nan_loss_raises_training_diverged(tiny: Dataset,

@@ -1,4 +1,4 @@
-"""Batched augmentation on the training device: crop, flip, normalise, mixup/CutMix.
+"""Batched augmentation on the training device: resize, crop, flip, normalise, mixup/CutMix.
 
 Everything takes a whole uint8 batch already on the device, so a GPU trial never waits on
 per-sample PIL work in CPU workers. Random numbers for per-sample crops come from a
@@ -22,9 +22,19 @@ RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float32, standardised with ImageNet's channel statistics."""
+    """N x 3 x H x W in uint8 units (0-255) -> float32, standardised with ImageNet's channel
+    statistics."""
     mean, inv_std = _channel_statistics(images.device)
     return (images.float() - mean) * inv_std
+
+
+def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """N x 3 x H x W (uint8 or float) -> float N x 3 x R x R, antialiased bilinear; unchanged
+    when already R x R. The one resize of a batch: a trial, `predict` and ONNX all use it."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    return F.interpolate(images.float(), size=(resolution, resolution), mode="bilinear",
+                         antialias=True, align_corners=False)
 
 
 @functools.cache

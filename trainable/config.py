@@ -28,9 +28,10 @@ def _field(default: Any, help: str, low: float | None = None, high: float | None
 
 @dataclass
 class TrainConfig:
-    # Data: these define the decoded images, so a search fixes them for all its trials.
+    # Data: a search decodes its data once, at the largest resolution its trials ask for.
     data: str = _field("digits", "digits | cifar10[:ROOT] | cifar100[:ROOT] | imagefolder:PATH")
-    resolution: int = _field(32, "side length in pixels the images are decoded to", 8, 1024)
+    resolution: int = _field(32, "side length in pixels of the model's input; data decoded "
+                             "larger is resized on the device", 8, 1024)
     val_fraction: float = _field(0.1, "share of the training images held out for validation "
                                  "when the source has no val split", 0.0, 1.0, True, True)
     # Model.

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights, resnet18
 
-from trainable.augment import IMAGENET_MEAN, IMAGENET_STD
+from trainable.augment import IMAGENET_MEAN, IMAGENET_STD, resize
 from trainable.config import TrainConfig
 from trainable.errors import UserError
 
@@ -74,10 +73,7 @@ class ImageClassifier(nn.Module):
         return penultimate_features(self.model, self.model_input(images))
 
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-1] != self.resolution or images.shape[-2] != self.resolution:
-            images = F.interpolate(images, size=(self.resolution, self.resolution),
-                                   mode="bilinear", antialias=True, align_corners=False)
-        return (images - self.mean) / self.std
+        return (resize(images, self.resolution) - self.mean) / self.std
 
 
 def stage_distance(param_name: str) -> int:

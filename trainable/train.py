@@ -23,6 +23,7 @@ from trainable.augment import (
     crop_and_flip,
     mix,
     normalize,
+    resize,
     resolve_crop,
     resolve_flip,
     soft_cross_entropy,
@@ -63,10 +64,12 @@ class FitResult:
 
 @dataclass
 class Runtime:
-    """How a run executes, derived from the config and the device; not hyperparameters."""
+    """How a run executes, derived from the config and the device: where, in what precision
+    and memory format, and the side length its model sees."""
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    resolution: int
 
     @classmethod
     def for_config(cls, cfg: TrainConfig, device: str | torch.device | None = None) -> Runtime:
@@ -75,7 +78,7 @@ class Runtime:
             raise UserError("config key 'amp': fp16 needs CUDA; use bf16 or off on the CPU")
         amp = {"auto": "bf16" if dev.type == "cuda" else "off"}.get(cfg.amp, cfg.amp)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        return cls(dev, dtype, cfg.channels_last and dev.type == "cuda")
+        return cls(dev, dtype, cfg.channels_last and dev.type == "cuda", cfg.resolution)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -83,8 +86,10 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def prepare(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 batch on the device -> normalised float input in the model's memory format."""
-        x = normalize(images_uint8)
+        """uint8 batch on the device -> normalised float input in the model's memory format,
+        resized to the run's resolution where the data was decoded larger (a search that
+        searches `resolution` decodes once, at the largest)."""
+        x = normalize(resize(images_uint8, self.resolution))
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
@@ -127,9 +132,10 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     rt = Runtime.for_config(cfg, device)
     if data is None:
         data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
-    elif data.resolution != cfg.resolution:
+    elif data.resolution < cfg.resolution:
         raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
-                        f"the config asks for {cfg.resolution}px")
+                        f"the config asks for {cfg.resolution}px; a run can only use that "
+                        "resolution or a smaller one")
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
@@ -199,7 +205,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     micro_batches = len(images) // batch_size  # the ragged last batch is dropped
     steps = math.ceil(micro_batches / cfg.accumulate_steps)
     warmup_steps = round(cfg.warmup_epochs * steps)
-    crop = resolve_crop(cfg.crop, data.resolution)
+    crop = resolve_crop(cfg.crop, cfg.resolution)
     hflip = resolve_flip(cfg.flip, data.source)
     loss_sum = torch.zeros((), device=rt.device)
     factor = 1.0
