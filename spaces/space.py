@@ -271,9 +271,10 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
     where = f"{src}: key 'search.{name}'"
     if name not in field_names():
         raise UserError(f"{src}: search: {unknown_key_message(name)}")
-    if name in ("data", "epochs", "metric"):
+    if name in ("data", "val_fraction", "epochs", "metric"):
+        # The driver splits the data once, so every trial is ranked on the same val set.
         raise UserError(f"{where} cannot be searched: it is fixed for the whole search "
-                        "(--data, scheduler.max_epochs, metric)")
+                        "(--data, fixed.val_fraction, scheduler.max_epochs, metric)")
     if not isinstance(spec, dict):
         raise UserError(f"{where} must be a mapping with 'type', got {spec!r}")
     kind = spec.get("type")

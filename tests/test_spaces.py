@@ -93,6 +93,8 @@ def test_a_conditional_resolution_decodes_for_the_trials_without_it_too(tmp_path
     ("search:\n  resolution: {type: categorical, choices: [16, 2048]}",
      "key 'search.resolution': must be in [8, 1024], got 2048"),
     ("search:\n  epochs: {type: int, low: 1, high: 3}", "key 'search.epochs' cannot be searched"),
+    ("search:\n  val_fraction: {type: float, low: 0.1, high: 0.3}",
+     "key 'search.val_fraction' cannot be searched"),
     ("search:\n  warmup_epoch: {type: float, low: 0, high: 1}",
      "unknown key 'warmup_epoch'; did you mean 'warmup_epochs'?"),
     ("search:\n  lr: {type: float, low: 0.5, high: 0.1}", "key 'search.lr': low (0.5) must be < "
