@@ -92,6 +92,12 @@ def _ensemble(args: argparse.Namespace) -> None:
                      device=args.device)
 
 
+def _dashboard(args: argparse.Namespace) -> None:
+    from search.dashboard import dashboard_command
+
+    dashboard_command(args.run_dir, args.host, args.port)
+
+
 def _predict(args: argparse.Namespace) -> None:
     from search.predict import predict_command
 
@@ -216,13 +222,30 @@ def add_predict_parser(commands: Subcommands) -> None:
     predict.set_defaults(run=_predict)
 
 
+def add_dashboard_parser(commands: Subcommands) -> None:
+    dashboard = commands.add_parser(
+        "dashboard", help="watch a search's Optuna study in the browser (optuna-dashboard)",
+        description="Serve optuna-dashboard on the search's Optuna study (RUN/study.journal): "
+                    "the history of the trials, hyperparameter importances, parallel "
+                    "coordinates and every trial's learning curve, live while the search "
+                    "runs. Needs pip install 'resnet-hpo[dashboard]'. A remote run (s3://...) "
+                    "is shown as copied when the command starts.")
+    dashboard.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1: this machine only; "
+                                "the dashboard has no login)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    dashboard.set_defaults(run=_dashboard)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="resnet-hpo",
         description="Hyperparameter search for fine-tuning ResNet18 (Ray Tune + Optuna + ASHA).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_parser in (add_train_parser, add_search_parser, add_results_parser,
-                       add_best_parser, add_ensemble_parser, add_predict_parser):
+                       add_best_parser, add_ensemble_parser, add_dashboard_parser,
+                       add_predict_parser):
         add_parser(commands)
     return parser
 

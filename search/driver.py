@@ -194,7 +194,7 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
     callbacks = [
         ResultsWriter(request.run_uri, space.metric, space.mode, request.gpus_per_trial,
                       request.cpus_per_trial),
-        TensorBoardWriter(request.run_uri, space.metric),
+        TensorBoardWriter(request.run_uri, space.metric, space.params),
         ProgressPrinter(space.metric, [p.name for p in space.params], request.trials),
     ]
     return tune.Tuner(

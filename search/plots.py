@@ -45,6 +45,12 @@ def write_plots(run: SearchRun, params: Sequence[Param], top: int) -> list[str]:
     return [write_plot(run.rundir, name, png_bytes(fig)) for name, fig in figures.items()]
 
 
+def title(fig: Figure, text: str) -> None:
+    """The figure's title, wrapped at its edges: a long run name or a narrow figure (one
+    searched hyperparameter) would otherwise cut it off."""
+    fig.suptitle(text, fontsize=13, wrap=True)
+
+
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -85,8 +91,7 @@ def learning_curves(run: SearchRun, epochs: list[dict[str, Any]], count: int) ->
         if key.endswith("loss"):  # a diverging first epoch would flatten the rest
             ax.set_yscale("log")
     axes[0].legend(title="rank, trial", fontsize=9)
-    fig.suptitle(f"{run.name}: learning curves of the top {min(count, len(run.ranked))} trials",
-                 fontsize=13)
+    title(fig, f"{run.name}: learning curves of the top {min(count, len(run.ranked))} trials")
     return fig
 
 
@@ -120,8 +125,8 @@ def metric_vs_params(run: SearchRun, params: Sequence[Param]) -> Figure:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=10)
-    fig.suptitle(f"{run.name}: {run.metric} at the best epoch against each searched "
-                 f"hyperparameter ({len(run.ranked)} trials)", fontsize=13)
+    title(fig, f"{run.name}: {run.metric} at the best epoch against each searched "
+          f"hyperparameter ({len(run.ranked)} trials)")
     return fig
 
 
@@ -175,8 +180,8 @@ def parallel_coordinates(run: SearchRun, params: Sequence[Param]) -> Figure:
     ax.set_xlim(-0.2, len(params) + 0.5)
     ax.set_ylim(-0.05, 1.05)
     fig.colorbar(mappable, ax=ax, label=f"{run.metric} ({run.mode})")
-    ax.set_title(f"{run.name}: parallel coordinates of {len(run.ranked)} trials (each axis "
-                 "spans its search range; a gap: not used by that trial)", fontsize=12)
+    title(fig, f"{run.name}: parallel coordinates of {len(run.ranked)} trials (each axis spans "
+          "its search range; a gap: not used by that trial)")
     return fig
 
 
@@ -201,7 +206,7 @@ def axis_ticks(distribution: BaseDistribution) -> list[tuple[float, str]]:
 
 
 def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], class_names: Sequence[str],
-                       title: str) -> Figure:
+                       heading: str) -> Figure:
     """One row-normalised confusion matrix per panel (true class down, predicted across),
     each cell labelled with its percentage where the classes are few enough to read."""
     from matplotlib.figure import Figure
@@ -233,5 +238,5 @@ def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], class_names: Se
     if image is not None:
         fig.colorbar(image, ax=list(axes[:len(panels)]), shrink=0.8, fraction=0.03, pad=0.01,
                      label="share of the true class's images")
-    fig.suptitle(title, fontsize=13)
+    title(fig, heading)
     return fig

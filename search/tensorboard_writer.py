@@ -1,30 +1,78 @@
 """A Tune callback that writes RUN/tensorboard/<trial_id>/: per-epoch scalars and the
 HParams plugin's data, so `tensorboard --logdir RUN/tensorboard` compares all trials.
 
+The HParams tab holds the searched hyperparameters only (the constants are in search.json
+and trials.parquet), then the metrics, the search metric's best first: TensorBoard sorts
+the hyperparameters by name and shows the first five of each list, so among all 30 config
+keys the searched ones would seldom be shown.
+
 Remote run directories (s3://...) are written to a local staging directory and copied
 up whenever a trial ends, because TensorBoard's writer only appends to local files.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 from ray.tune.experiment import Trial
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
 
 from search.rundir import EPOCH_METRICS, TENSORBOARD_DIR, RunDir
+from search.searched import active_values
+from spaces.space import Param
 from trainable.config import TrainConfig
 from trainable.data import cache_dir
 from trainable.tune_adapter import objective_name
 
 
+def metric_tags(metric: str) -> list[str]:
+    """The scalars of every trial, the search metric at the best epoch so far first."""
+    return [objective_name(metric), *EPOCH_METRICS[1:]]
+
+
+def experiment_summary(params: Sequence[Param], metric: str) -> Summary:
+    """The HParams plugin's columns: the searched hyperparameters with their search ranges
+    (its table cannot show a log scale), then the metrics."""
+    hparams = []
+    for param in params:
+        d = param.distribution
+        if isinstance(d, CategoricalDistribution):
+            domain: hp.Domain = hp.Discrete(d.choices)
+        elif isinstance(d, IntDistribution):
+            domain = hp.IntInterval(d.low, d.high)
+        else:
+            assert isinstance(d, FloatDistribution)
+            domain = hp.RealInterval(d.low, d.high)
+        hparams.append(hp.HParam(param.name, domain))
+    best = hp.Metric(objective_name(metric),
+                     description=f"{metric} at the trial's best epoch so far: the search metric")
+    others = [hp.Metric(tag) for tag in metric_tags(metric)[1:]]
+    return hp.hparams_config_pb(hparams, [best, *others])
+
+
+def session_end_summary(status: int) -> Summary:
+    """The trial's outcome (api_pb2.STATUS_SUCCESS or STATUS_FAILURE) for the HParams tab;
+    tensorboard's own helper for it needs TensorFlow."""
+    data = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(
+        status=status, end_time_secs=time.time()))
+    summary = Summary()
+    summary.value.add(tag=metadata.SESSION_END_INFO_TAG, tensor=metadata.NULL_TENSOR,
+                      metadata=metadata.create_summary_metadata(data))
+    return summary
+
+
 class TensorBoardWriter(tune.Callback):
-    def __init__(self, run_uri: str, metric: str):
-        self.run_uri, self.metric = run_uri, metric
+    def __init__(self, run_uri: str, metric: str, params: Sequence[Param]):
+        self.run_uri, self.metric, self.params = run_uri, metric, tuple(params)
         self.writers: dict[str, SummaryWriter] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -38,11 +86,10 @@ class TensorBoardWriter(tune.Callback):
     def _writer(self, trial: Trial) -> SummaryWriter:
         if trial.trial_id not in self.writers:
             writer = SummaryWriter(str(self.logdir / trial.trial_id))
-            metrics = [*EPOCH_METRICS[1:], objective_name(self.metric)]
-            config = TrainConfig.from_dict(trial.config).to_dict()
+            values = active_values(TrainConfig.from_dict(trial.config).to_dict(), self.params)
             assert writer.file_writer is not None  # SummaryWriter opens it on construction
-            for summary in hparams(config, dict.fromkeys(metrics, 0.0)):
-                writer.file_writer.add_summary(summary)
+            writer.file_writer.add_summary(experiment_summary(self.params, self.metric))
+            writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=trial.trial_id))
             self.writers[trial.trial_id] = writer
         return self.writers[trial.trial_id]
 
@@ -52,17 +99,17 @@ class TensorBoardWriter(tune.Callback):
             return
         writer = self._writer(trial)
         step = int(result["epoch"])
-        for name in [*EPOCH_METRICS[1:], objective_name(self.metric)]:
+        for name in metric_tags(self.metric):
             writer.add_scalar(name, result[name], step)
         writer.flush()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        self._close(trial)
+        self._end(trial, api_pb2.STATUS_SUCCESS)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        self._close(trial)
+        self._end(trial, api_pb2.STATUS_FAILURE)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for writer in self.writers.values():
@@ -70,10 +117,12 @@ class TensorBoardWriter(tune.Callback):
         self.writers.clear()
         self._upload()
 
-    def _close(self, trial: Trial) -> None:
-        writer = self.writers.pop(trial.trial_id, None)
-        if writer is not None:
-            writer.close()
+    def _end(self, trial: Trial, status: int) -> None:
+        writer = self._writer(trial)  # a trial that failed before its first epoch, too
+        assert writer.file_writer is not None
+        writer.file_writer.add_summary(session_end_summary(status))
+        writer.close()
+        del self.writers[trial.trial_id]
         self._upload()
 
     def _upload(self) -> None:

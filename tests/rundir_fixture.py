@@ -1,22 +1,39 @@
 """Synthetic run directories, as a finished search would leave them, without running one.
 
 Trials are sampled from a real space file; their learning curves peak before their last
-epoch, some stop early as ASHA would stop them, and one fails.
+epoch, some stop early as ASHA would stop them, and one fails. On request the run also
+holds the Optuna study (study.journal) and TensorBoard's events, as the search writes them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import optuna
 import pyarrow as pa
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
-from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
-from spaces.space import DefineByRun, load_space
+from search.rundir import (
+    EPOCHS_FILE,
+    SEARCH_FILE,
+    STUDY_FILE,
+    STUDY_NAME,
+    TRIALS_FILE,
+    RunDir,
+    trials_schema,
+)
+from spaces.space import DefineByRun, SearchSpace, load_space
+from trainable.config import field_names
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 
 def curve(peak: float, best_epoch: int, epochs_run: int) -> list[float]:
@@ -74,15 +91,30 @@ def search_json(space_name: str, name: str, searched: list[str]) -> dict[str, An
 
 
 def sampled_run(run: Path, n_trials: int = 12, space_name: str = "default",
-                seed: int = 0) -> Path:
-    """A search over a shipped space: the metric peaks at lr = 1e-2 and rises with depth."""
+                seed: int = 0, study: bool = False) -> Path:
+    """A search over a shipped space: the metric peaks at lr = 1e-2 and rises with depth.
+    With `study`, the Optuna study is kept in RUN/study.journal, each trial with its running
+    best per epoch as intermediate values (as OptunaSearch reports them)."""
     space = load_space(space_name)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    storage = None
+    if study:
+        run.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(run / STUDY_FILE)))
+    optuna_study = optuna.create_study(
+        storage=storage, study_name=STUDY_NAME, sampler=optuna.samplers.RandomSampler(seed=seed),
+        direction="maximize" if space.mode == "max" else "minimize")
+    if study:
+        from trainable.tune_adapter import objective_name  # imports Ray: only when needed
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna_study.set_metric_names([objective_name(space.metric)])
     rng = np.random.default_rng(seed)
     max_epochs = space.scheduler.max_epochs
     trials, epochs = [], []
     for i in range(n_trials):
-        sampled = DefineByRun(space)(study.ask())
+        asked = optuna_study.ask()
+        sampled = DefineByRun(space)(asked)
         config = space.config({k: v for k, v in sampled.items() if k != "epochs"}).to_dict()
         peak = 0.9 - 0.1 * abs(math.log10(config["lr"]) + 2) + 0.02 * config["unfreeze_depth"]
         epochs_run = max_epochs if i % 3 == 0 else space.scheduler.grace_period
@@ -91,8 +123,44 @@ def sampled_run(run: Path, n_trials: int = 12, space_name: str = "default",
                                  best_epoch, epochs_run, failed=i == n_trials - 1)
         trials.append(trial)
         epochs += rows
+        for row, best in zip(rows, running_best(space, rows), strict=True):
+            asked.report(best, row["epoch"])
+        if trial["status"] == "ERROR":
+            optuna_study.tell(asked, state=optuna.trial.TrialState.FAIL)
+        else:
+            optuna_study.tell(asked, trial["best_metric"])
     searched = [p.name for p in space.params]
     return write_run(run, trials, epochs, search_json(space_name, run.name, searched))
+
+
+def running_best(space: SearchSpace, epochs: list[Row]) -> list[float]:
+    """The search metric's best so far at each epoch: the objective trials report."""
+    pick = max if space.mode == "max" else min
+    values = [e[space.metric] for e in epochs]
+    return [pick(values[:i]) for i in range(1, len(values) + 1)]
+
+
+def write_tensorboard(run: Path, space_name: str) -> Path:
+    """RUN/tensorboard/, written by the search's TensorBoardWriter from the run's Parquet
+    files, as the trials' results would have arrived."""
+    from search.tensorboard_writer import TensorBoardWriter
+    from trainable.tune_adapter import objective_name
+
+    space = load_space(space_name)
+    rundir = RunDir.open(run)
+    epochs = rundir.read_table(EPOCHS_FILE).to_pylist()
+    writer = TensorBoardWriter(str(run), space.metric, space.params)
+    for row in rundir.read_table(TRIALS_FILE).to_pylist():
+        trial = cast("Trial", SimpleNamespace(trial_id=row["trial_id"], config={
+            name: row[name] for name in field_names()}))
+        rows = [e for e in epochs if e["trial_id"] == row["trial_id"]]
+        for epoch, best in zip(rows, running_best(space, rows), strict=True):
+            writer.on_trial_result(0, [], trial, {**epoch, objective_name(space.metric): best})
+        if row["status"] == "ERROR":
+            writer.on_trial_error(0, [], trial)
+        else:
+            writer.on_trial_complete(0, [], trial)
+    return run
 
 
 def read_search(run: Path) -> dict[str, Any]:

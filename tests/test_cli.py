@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "search", "results", "best", "ensemble", "predict")
+COMMANDS = ("train", "search", "results", "best", "ensemble", "dashboard", "predict")
 HEAVY = ("torch", "ray", "optuna")
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from search.best import SearchRun
 from search.cli import main
@@ -44,6 +46,27 @@ def test_results_prints_the_leaderboard_and_writes_the_plots(
     for name in PLOTS:
         png = (run / "plots" / name).read_bytes()
         assert png.startswith(PNG_MAGIC) and len(png) > 10_000, name
+
+
+ONE_PARAM_SPACE = """
+metric: val_acc
+scheduler: {name: asha, max_epochs: 6, grace_period: 2}
+search:
+  lr: {type: float, low: 0.001, high: 0.3, log: true}
+"""
+
+
+def test_plot_titles_wrap_inside_the_figure(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """One searched hyperparameter makes the narrowest figures; a long title used to run off
+    both edges of them."""
+    space = tmp_path / "one.yaml"
+    space.write_text(ONE_PARAM_SPACE)
+    run = sampled_run(tmp_path / "search-20261125-014500", n_trials=6, space_name=str(space))
+    results(capsys, str(run))
+    for name in PLOTS:
+        grey = np.asarray(Image.open(run / "plots" / name).convert("L"))
+        assert (grey[:, [0, -1]] > 250).all(), f"{name}: something is cut at its left or right edge"
 
 
 def test_conditional_parameters_a_trial_did_not_use_show_as_a_dash(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from search.cli import main
 from search.driver import check_resources, make_sampler, request_from_args
@@ -71,7 +72,14 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
         events.Reload()
         assert len(events.Scalars("val_acc")) == trials.set_index("trial_id").epochs_run[trial_id]
         plugins = events.PluginTagToContent("hparams")
-        assert "_hparams_/session_start_info" in plugins
+        experiment = hparams_metadata.parse_experiment_plugin_data(
+            plugins[hparams_metadata.EXPERIMENT_TAG])
+        assert [h.name for h in experiment.hparam_infos] == ["lr", "label_smoothing"]
+        assert experiment.metric_infos[0].name.tag == "best_val_acc"
+        start = hparams_metadata.parse_session_start_info_plugin_data(
+            plugins[hparams_metadata.SESSION_START_INFO_TAG])
+        assert start.hparams["lr"].number_value == trials.set_index("trial_id").lr[trial_id]
+        assert set(start.hparams) == {"lr", "label_smoothing"}
 
 
 # val_loss as the search metric: at a constant lr of 0.5 both trials' val_loss is lowest at
