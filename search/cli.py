@@ -211,7 +211,8 @@ def add_predict_parser(commands: Subcommands) -> None:
                     "train` or an ensemble written by `resnet-hpo ensemble`; writes one CSV "
                     "row per readable image: image, label, probability.")
     predict.add_argument("model_dir", metavar="MODEL_DIR",
-                         help="model or ensemble directory (or a trial checkpoint)")
+                         help="model or ensemble directory, or a trial checkpoint (a local "
+                              "path or a URI: s3://...)")
     predict.add_argument("images", metavar="IMAGES", help="folder of images (sub-folders too)")
     predict.add_argument("--output", default="predictions.csv", metavar="CSV",
                          help="CSV file to write (default predictions.csv)")

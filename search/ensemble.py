@@ -11,14 +11,11 @@ is evaluated on the same members and the one with the best val_acc is saved.
 
 from __future__ import annotations
 
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 
 from search.best import SearchRun
@@ -34,7 +31,7 @@ from search.ensemble_evaluation import (
     scores_of_members,
 )
 from search.plots import confusion_matrices, png_bytes, write_plot
-from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, RunDir
+from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, local_dir
 from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
@@ -42,7 +39,7 @@ from trainable.model import ImageClassifier
 from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
 
 
-def load_members(run: SearchRun, top: int, scratch: Path) -> list[Member]:
+def load_members(run: SearchRun, top: int) -> list[Member]:
     """The best `top` trials that left a checkpoint, best first."""
     ranked = [t for t in run.ranked if t.get("checkpoint_path")]
     if len(ranked) < 2:
@@ -51,9 +48,7 @@ def load_members(run: SearchRun, top: int, scratch: Path) -> list[Member]:
     if top > len(ranked):
         warnings.warn(f"--top {top}: only {len(ranked)} trials have a checkpoint; using them "
                       "all", stacklevel=2)
-    members = [Member(t["trial_id"], load_checkpoint_dir(
-        fetch_checkpoint(t["trial_id"], t["checkpoint_path"], run.rundir, scratch)))
-        for t in ranked[:top]]
+    members = [load_member(t) for t in ranked[:top]]
     names = members[0].saved.class_names
     for m in members[1:]:
         if m.saved.class_names != names:
@@ -62,19 +57,13 @@ def load_members(run: SearchRun, top: int, scratch: Path) -> list[Member]:
     return members
 
 
-def fetch_checkpoint(trial_id: str, path: str, rundir: RunDir, scratch: Path) -> Path:
-    """A local directory holding the trial's checkpoint: `path` itself when it is on this
-    disk, else a copy from its URI or from the run directory's filesystem."""
-    if "://" not in path and Path(path).is_dir():
-        return Path(path)
-    target = scratch / trial_id
+def load_member(trial: dict[str, Any]) -> Member:
+    """The trial's best-epoch weights, from its checkpoint on this disk or in object storage."""
     try:
-        fs, inner = pafs.FileSystem.from_uri(path) if "://" in path else (rundir.fs, path)
-        pafs.copy_files(inner, str(target), source_filesystem=fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-    except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"trial {trial_id}: cannot read its checkpoint {path} ({e})") from None
-    return target
+        with local_dir(trial["checkpoint_path"]) as directory:
+            return Member(trial["trial_id"], load_checkpoint_dir(directory))
+    except UserError as e:
+        raise UserError(f"trial {trial['trial_id']}: cannot read its checkpoint ({e})") from None
 
 
 def gain_over_best_member(scores: Scores, member_scores: list[Scores]) -> float:
@@ -211,8 +200,7 @@ def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
         raise UserError(f"--top {top}: an ensemble needs at least 2 members")
     run = SearchRun.open(run_uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with tempfile.TemporaryDirectory(prefix="resnet-hpo-ensemble-") as scratch:
-        members = load_members(run, top, Path(scratch))
+    members = load_members(run, top)
     methods = METHODS if method == "all" else (method,)
     outputs = member_outputs(members, dev, run.info.get("resolution"),
                              with_features="concat" in methods)

@@ -1,8 +1,9 @@
 """`resnet-hpo predict`: class predictions for a folder of unlabelled images, as a CSV.
 
 MODEL_DIR is a model written by `resnet-hpo train`, an ensemble written by `resnet-hpo
-ensemble`, or a trial checkpoint. Images are decoded like the training data (shorter side
-to the model's resolution, centre crop); unreadable files are listed and skipped.
+ensemble`, or a trial checkpoint, on this disk or behind a URI (s3://...). Images are decoded
+like the training data (shorter side to the model's resolution, centre crop); unreadable
+files are listed and skipped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from search.rundir import local_dir
 from trainable.data import IMAGE_EXTENSIONS, decode_image
 from trainable.errors import UserError
 from trainable.saved import Classifier, load_classifier
@@ -82,7 +84,8 @@ def predict_command(model_dir: str, images: str, output: str, all_probabilities:
                     device: str | None = None, batch_size: int = 64) -> None:
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    classifier = load_classifier(Path(model_dir))
+    with local_dir(model_dir) as directory:
+        classifier = load_classifier(directory)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     predictions, unreadable = predict_folder(classifier, Path(images), dev, batch_size)
     if unreadable:
