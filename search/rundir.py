@@ -3,6 +3,8 @@
     trials.parquet   one row per trial (see TRIAL_COLUMNS), replaced atomically as trials report
     epochs.parquet   one row per reported epoch (see EPOCH_COLUMNS)
     search.json      how the search was started: space text, sampler, seed, versions, command
+    study.journal    the Optuna study (Optuna's journal file storage): every trial the sampler
+                     saw, for `--add-trials`, `--warm-start` and optuna-dashboard
     tensorboard/     one sub-directory per trial: scalars and HParams
     plots/           PNGs written by `resnet-hpo results` (and confusion_matrices.png by
                      `resnet-hpo ensemble`)
@@ -29,6 +31,8 @@ from trainable.errors import UserError
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 SEARCH_FILE = "search.json"
+STUDY_FILE = "study.journal"  # optuna.storages.journal.JournalFileBackend's file
+STUDY_NAME = "search"  # the study's name inside STUDY_FILE
 BEST_FILE = "best.yaml"
 ENSEMBLE_FILE = "ensemble.json"
 TENSORBOARD_DIR = "tensorboard"
