@@ -103,14 +103,15 @@ def check_journal(run: RunDir) -> None:
             raise UserError(f"{where} is corrupt: line {number} is not an Optuna journal "
                             "operation; the trials in trials.parquet are intact") from None
     try:
-        optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(
-            JournalFileBackend(str(path))))
+        storage = JournalStorage(JournalFileBackend(str(path)))  # replays it
+    except Exception as e:  # a journal that parses but does not add up
+        raise UserError(f"{where} is corrupt: Optuna cannot replay it ({type(e).__name__}: "
+                        f"{e})") from None
+    try:
+        optuna.load_study(study_name=STUDY_NAME, storage=storage)
     except KeyError:
         raise UserError(f"{where} holds no study named {STUDY_NAME!r}; is this the study "
                         "file of a search?") from None
-    except Exception as e:  # the replay of a journal that parses but does not add up
-        raise UserError(f"{where} is corrupt: Optuna cannot replay it ({type(e).__name__}: "
-                        f"{e})") from None
 
 
 def open_storage(run: RunDir) -> JournalStorage:
