@@ -240,7 +240,8 @@ def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
 
 def check_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
     """Everything about the run directory that can be wrong, checked before Ray starts or
-    data is read; nothing is written. Returns the warm start of a new search."""
+    data is read; nothing in the run directory is written. Returns the warm start of a new
+    search."""
     if request.mode == "new":
         if run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE) or run.exists(STUDY_FILE):
             raise UserError(f"--name {request.name}: {run.uri} already holds a search; add "

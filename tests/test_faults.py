@@ -354,9 +354,9 @@ search:
     # what the driver sampled after Tune last saved its state, before a kill, failed) ...
     state = searcher_state(run)
     study, by_trial = state["_ot_study"], state["_ot_trials"]
-    told = [t for t in study.trials if t.state.name != "FAIL"]
-    assert len(told) == n_trials and set(by_trial) == set(trials.trial_id)
-    assert {t.user_attrs["trial_id"] for t in told} == set(trials.trial_id)
+    sampled = [t for t in study.trials if t.state.name != "FAIL"]
+    assert len(sampled) == n_trials and set(by_trial) == set(trials.trial_id)
+    assert {t.user_attrs["trial_id"] for t in sampled} == set(trials.trial_id)
     for row in trials.itertuples():
         told = study.trials[by_trial[row.trial_id].number]
         assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
@@ -366,7 +366,7 @@ search:
     # n_startup_trials finished trials), the first of them with too few finished since the
     # resume to count.
     n_startup = state["_sampler"]._n_startup_trials
-    after = sorted((t for t in told if t.datetime_start >= resumed),
+    after = sorted((t for t in sampled if t.datetime_start >= resumed),
                    key=lambda t: t.datetime_start)
     assert after, "every trial was sampled before the last kill"
     for i, trial in enumerate(after):
