@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +33,6 @@ from spaces import DefineByRun, load_space, parse_space
 from tests.rundir_fixture import sampled_run, search_json, trial_rows, write_run
 from trainable.data import cache_dir
 from trainable.errors import UserError
-
-QUICK = ["--space", "quick", "--data", "digits", "--resolution", "16", "--max-epochs", "1",
-         "--scheduler", "fifo"]
 
 
 def load_run_study(run: Path | RunDir) -> optuna.Study:
@@ -233,11 +231,16 @@ def test_warm_start_enqueues_the_best_configs_clipped_and_keeps_the_fitting_tria
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Iterator[Path]:
-    """A finished quick search of 8 trials on digits at 16px (1 epoch each)."""
+    """A finished search of 8 trials of the quick space on digits at 16px, 1 epoch each."""
     storage = tmp_path_factory.mktemp("study")
+    quick = load_space("quick")
+    space = storage / "quick-1-epoch.yaml"
+    space.write_text(re.sub(r"(?m)^scheduler: .*$", "scheduler: {name: fifo, max_epochs: 1}",
+                            quick.text))
     with pytest.MonkeyPatch.context() as monkeypatch:  # _isolated_cache is per test
         monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-        main(["search", *QUICK, "--trials", "8", "--seed", "0", "--max-concurrent", "4",
+        main(["search", "--space", str(space), "--data", "digits", "--resolution", "16",
+              "--trials", "8", "--seed", "0", "--max-concurrent", "4",
               "--storage", str(storage), "--name", "first"])
     yield storage / "first"
 
