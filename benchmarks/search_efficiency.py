@@ -14,8 +14,9 @@ the seeds; `never` if TPE+ASHA missed the target for some seed). With `--output 
 writes DIR/search_efficiency.txt (this output) and DIR/search_efficiency.png (the curves).
 The searches' own output goes to search.log (in DIR, else in the temporary storage).
 
-TPE's first 10 trials (Optuna's n_startup_trials) are random draws from the same seed as
-the random sampler's: TPE can only differ from random with well over 10 trials.
+TPE's first startup trials (search/study.py startup_trials: a quarter of the trials, 2 to
+10) are random draws from the same seed as the random sampler's: TPE can only differ from
+random after them.
 """
 
 from __future__ import annotations

@@ -61,16 +61,16 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from search.driver import request_from_args, resume_request, run_search
+    from search.driver import continue_request, request_from_args, run_search
 
-    if args.resume:
-        run_search(resume_request(args), resume=True)
+    if args.resume or args.add_trials is not None:
+        run_search(continue_request(args))
     else:
         if not args.space:
             raise UserError("--space is required: a shipped space (quick, default, cifar10) "
                             "or a YAML file")
         fixed = config_overrides(args) | ({"seed": args.seed} if args.seed is not None else {})
-        run_search(request_from_args(args, fixed), resume=False)
+        run_search(request_from_args(args, fixed))
 
 
 def _results(args: argparse.Namespace) -> None:
@@ -151,6 +151,14 @@ def add_search_parser(commands: Subcommands) -> None:
                         "training (default: sampler 0, trials as the space says)")
     search.add_argument("--resume", action="store_true",
                         help="continue the interrupted search STORAGE/NAME")
+    search.add_argument("--add-trials", type=int, metavar="N",
+                        help="run N more trials in the finished search STORAGE/NAME: same "
+                             "space and data, the sampler conditioned on every earlier trial")
+    search.add_argument("--warm-start", metavar="RUN",
+                        help="start from an earlier search's run directory: its best configs "
+                             "are the first trials, its finished trials the sampler's history")
+    search.add_argument("--warm-start-top", type=int, default=4, metavar="K",
+                        help="how many of the earlier run's best configs go first (default 4)")
     add_config_flags(search, "fixed hyperparameters (override the space file)",
                      exclude=("epochs", "seed"))
     search.set_defaults(run=_search)

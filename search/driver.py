@@ -17,8 +17,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir
-from search.tune_state import mend_trial_checkpoints, tune_state_problem
+from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
+from search.study import (
+    StudySearch,
+    check_journal,
+    close_orphans,
+    journal_path,
+    open_storage,
+    open_study,
+    pull_journal,
+    startup_trials,
+)
+from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
+from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
 from trainable.data import Dataset, load_dataset
 from trainable.errors import UserError
@@ -41,6 +52,9 @@ class SearchRequest:
     address: str | None
     seed: int
     command_line: str  # as the user typed it, for search.json
+    mode: str = "new"  # "new", "resume" (--resume) or "add" (--add-trials: `trials` more)
+    warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
+    warm_start_top: int = 4  # how many of its best configs go first
 
     @property
     def run_uri(self) -> str:
@@ -58,18 +72,20 @@ def resolve_storage(storage: str) -> str:
     return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
-def make_sampler(name: str, seed: int) -> Any:
+def make_sampler(name: str, seed: int, trials: int) -> Any:
+    """The sampler of a search of `trials` trials (TPE and GP start with startup_trials
+    random ones)."""
     import optuna
 
     if name == "tpe":  # constant_liar keeps parallel trials from sampling the same point
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                          constant_liar=True)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
+                                          multivariate=True, group=True, constant_liar=True)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -178,9 +194,8 @@ def build_trainable(request: SearchRequest, data: Dataset) -> Any:
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
-def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
+def build_tuner(request: SearchRequest, data: Dataset, concurrent: int, searcher: Any) -> Any:
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from search.progress import ProgressPrinter
     from search.results_writer import ResultsWriter
@@ -189,8 +204,6 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
 
     space = request.space
     objective = objective_name(space.metric)
-    searcher = OptunaSearch(space=DefineByRun(space), metric=objective, mode=space.mode,
-                            sampler=make_sampler(space.sampler, request.seed))
     callbacks = [
         ResultsWriter(request.run_uri, space.metric, space.mode, request.gpus_per_trial,
                       request.cpus_per_trial),
@@ -214,11 +227,45 @@ def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
             failure_config=tune.FailureConfig(max_failures=request.max_failures)))
 
 
-def run_search(request: SearchRequest, resume: bool) -> None:
+def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
+    """--add-trials goes on from a finished search only: an interrupted one has trials that
+    only --resume can finish."""
+    rows = run.read_table(TRIALS_FILE).to_pylist() if run.exists(TRIALS_FILE) else []
+    done = sum(row["status"] in ("TERMINATED", "ERROR") for row in rows)
+    if done < meta["trials"]:
+        raise UserError(f"--add-trials: {run.uri} was interrupted ({done} of {meta['trials']} "
+                        f"trials finished); finish it first with `resnet-hpo search --name "
+                        f"{meta['name']} --resume`")
+
+
+def check_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
+    """Everything about the run directory that can be wrong, checked before Ray starts or
+    data is read; nothing in the run directory is written. Returns the warm start of a new
+    search."""
+    if request.mode == "new":
+        if run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE) or run.exists(STUDY_FILE):
+            raise UserError(f"--name {request.name}: {run.uri} already holds a search; add "
+                            "--resume to continue it, --add-trials N to extend it, or choose "
+                            "another --name")
+        if request.warm_start is None:
+            return None
+        return plan_warm_start(request.warm_start, request.space,
+                               min(request.warm_start_top, request.trials))
+    pull_journal(run)
+    if request.mode == "add":
+        check_finished(run, run.read_json(SEARCH_FILE))
+        if not journal_path(run).exists():
+            raise UserError(f"--add-trials: {run.uri} has no {STUDY_FILE} (it was searched "
+                            "before the study was kept in the run), so its sampler history "
+                            "is lost; start a new search with --warm-start " + run.uri)
+    if journal_path(run).exists():  # a search from before has none; Tune's state holds it
+        check_journal(run)
+    return None
+
+
+def run_search(request: SearchRequest) -> None:
     run = RunDir.open(request.run_uri)
-    if not resume and (run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE)):
-        raise UserError(f"--name {request.name}: {run.uri} already holds a search; add --resume "
-                        "to continue it, or choose another --name")
+    warm_start = check_run(run, request)
     cfg = request.space.config({})
     data = load_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
     print(data.summary(), flush=True)
@@ -226,7 +273,7 @@ def run_search(request: SearchRequest, resume: bool) -> None:
     fits = check_resources(request)
     from ray import tune
 
-    if resume:
+    if request.mode == "resume":
         if not tune.Tuner.can_restore(run.uri):
             raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
         problem = tune_state_problem(run)
@@ -237,18 +284,60 @@ def run_search(request: SearchRequest, resume: bool) -> None:
                             "--name")
         for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
             print(line, flush=True)
+        if journal_path(run).exists():
+            close_orphans(open_study(open_storage(run), request.space.mode),
+                          saved_trial_ids(run))
         tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
                                    resume_unfinished=True, resume_errored=True)
         print(f"resuming {run.uri}", flush=True)
     else:
-        concurrent = request.max_concurrent or fits
-        run.write_json(SEARCH_FILE, search_metadata(request, data))
-        tuner = build_tuner(request, data, concurrent)
-        print(f"search {request.name}: {request.trials} trials, sampler "
-              f"{request.space.sampler}, scheduler {request.space.scheduler.name}, "
-              f"{concurrent} at a time; results in {run.uri}", flush=True)
+        tuner = new_tuner(run, request, data, warm_start, request.max_concurrent or fits)
     tuner.fit()
     print_summary(run)
+
+
+def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, warm_start: WarmStart | None,
+              concurrent: int) -> Any:
+    """A Tuner for a new search, or for the trials --add-trials adds, with the run's study:
+    the sampler is conditioned on every trial already in it."""
+    from trainable.tune_adapter import objective_name
+
+    space = request.space
+    if request.mode == "new":
+        meta = search_metadata(request, data)
+        if warm_start is not None:
+            meta["warm_start"] = warm_start.record()
+        run.write_json(SEARCH_FILE, meta)
+        if run.local_path() is None:
+            journal_path(run).unlink(missing_ok=True)  # the driver's copy of an earlier run's
+    storage = open_storage(run)
+    study = open_study(storage, space.mode)
+    earlier = len(study.trials)
+    if request.mode == "add":
+        close_orphans(study, set())  # none is running: the search finished
+        meta = run.read_json(SEARCH_FILE)
+        total = meta["trials"] + request.trials
+        meta["added"] = [*meta.get("added", []), {
+            "trials": request.trials, "after": meta["trials"], "command": request.command_line,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+        meta["trials"] = total
+        run.write_json(SEARCH_FILE, meta)
+        print(f"search {request.name}: {request.trials} more trials after {total - request.trials}"
+              f", sampler {space.sampler} with the {earlier} trials of its study as history, "
+              f"{concurrent} at a time; results in {run.uri}", flush=True)
+    else:
+        total = request.trials
+        if warm_start is not None:
+            print(warm_start.summary(), flush=True)
+            warm_start.apply(study)
+        print(f"search {request.name}: {request.trials} trials, sampler {space.sampler}, "
+              f"scheduler {space.scheduler.name}, {concurrent} at a time; results in "
+              f"{run.uri}", flush=True)
+    # Seeded past the trials before, so that added trials do not repeat the first draws.
+    searcher = StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
+                           mode=space.mode, storage=storage, study_name=STUDY_NAME,
+                           sampler=make_sampler(space.sampler, request.seed + earlier, total))
+    return build_tuner(request, data, concurrent, searcher)
 
 
 def print_summary(run: RunDir) -> None:
@@ -290,6 +379,8 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
 
     if args.trials < 1:
         raise UserError(f"--trials must be >= 1, got {args.trials}")
+    if args.warm_start_top < 1:
+        raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
     gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
         args.cpus_per_trial, "cpus_per_trial", 1.0)
     if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
@@ -304,24 +395,38 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
         cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=args.seed or 0,
-        command_line=args.command_line)
+        command_line=args.command_line, warm_start=args.warm_start,
+        warm_start_top=args.warm_start_top)
 
 
-def resume_request(args: Any) -> SearchRequest:
-    """The request a search was started with, from its search.json; flags cannot change it
-    (Tune restores the trainable, the sampler and the scheduler as they were)."""
+def continue_request(args: Any) -> SearchRequest:
+    """--resume or --add-trials N: the request the search was started with, from its
+    search.json; the space, data, sampler and seed stay as they were (Tune restores them on
+    --resume; --add-trials samples the same space, its sampler seeded past the trials
+    before)."""
+    flag = "--resume" if args.resume else "--add-trials"
+    if args.resume and args.add_trials is not None:
+        raise UserError("--resume and --add-trials: give one; resume an interrupted search "
+                        "first, then add trials")
+    if args.space or args.warm_start:
+        raise UserError(f"{flag} goes on with the search's own space and history; leave out "
+                        f"{'--space' if args.space else '--warm-start'}")
+    if args.add_trials is not None and args.add_trials < 1:
+        raise UserError(f"--add-trials must be >= 1, got {args.add_trials}")
     if not args.name:
-        raise UserError("--resume needs --name NAME of the search to continue")
+        raise UserError(f"{flag} needs --name NAME of the search to continue")
     name, storage = check_name(args.name), resolve_storage(args.storage)
     run = RunDir.open(f"{storage.rstrip('/')}/{name}")
     if not run.exists(SEARCH_FILE):
-        raise UserError(f"--resume: there is no search named {name!r} in {storage} "
+        raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
                         f"({run.uri} holds no {SEARCH_FILE})")
     meta = run.read_json(SEARCH_FILE)
     space = parse_space(meta["space_text"], meta["space_file"]).replace(
         sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
-    return SearchRequest(space=space, trials=meta["trials"], name=name, storage=storage,
-                         gpus_per_trial=meta["gpus_per_trial"],
-                         cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
-                         max_failures=args.max_failures, address=args.address, seed=meta["seed"],
-                         command_line=meta["command"])
+    return SearchRequest(
+        space=space, trials=meta["trials"] if args.resume else args.add_trials, name=name,
+        storage=storage, gpus_per_trial=meta["gpus_per_trial"],
+        cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures, address=args.address, seed=meta["seed"],
+        command_line=meta["command"] if args.resume else args.command_line,
+        mode="resume" if args.resume else "add")

@@ -1,9 +1,10 @@
 """A Tune callback that keeps trials.parquet and epochs.parquet current as trials report.
 
 Both files are replaced atomically at most every FLUSH_EVERY_S seconds while anything
-changed, and when the search ends, so a killed search leaves valid files. A flush rewrites
-both files whole, so flushing at every finished trial would cost the driver time quadratic
-in the size of the search. No reported epoch is lost to a kill between two flushes: every
+changed, and when the search ends, so a killed search leaves valid files; a remote run
+directory gets the driver's copy of the Optuna study with them (search/study.py). A flush
+rewrites both files whole, so flushing at every finished trial would cost the driver time
+quadratic in the size of the search. No reported epoch is lost to a kill between two flushes: every
 trial checkpoint carries the rows its trial has reported (epochs.json), and on `--resume`
 (or when a trial restarts from a checkpoint) the writer restores the rows it lacks from
 there. An epoch reported again (a trial resumed
@@ -25,6 +26,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
+from search.study import push_journal
 from trainable.config import TrainConfig
 from trainable.ranking import best_epoch_row
 from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs
@@ -194,6 +196,7 @@ class ResultsWriter(tune.Callback):
         epochs = [self.epochs[trial_id][epoch] for trial_id in sorted(self.epochs)
                   for epoch in sorted(self.epochs[trial_id])]
         run.write_table(EPOCHS_FILE, pa.Table.from_pylist(epochs, schema=epochs_schema()))
+        push_journal(run)
         self.last_flush = time.monotonic()
         self.dirty = False
 

@@ -82,6 +82,18 @@ def whole_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
         return False
 
 
+def saved_trial_ids(run: RunDir) -> set[str]:
+    """The trials of Tune's newest saved state: those `--resume` goes on with."""
+    names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
+             if info.type == pafs.FileType.File]
+    states = fnmatch.filter(names, "experiment_state-*.json")
+    if not states:
+        return set()
+    with run.fs.open_input_stream(run.join(max(states))) as f:
+        trial_data = json.loads(f.read())["trial_data"]
+    return {json.loads(trial_json)["trial_id"] for trial_json, _ in trial_data}
+
+
 def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list[str]:
     """Give every unfinished trial whose checkpoint (as Tune's newest state names it) is gone
     or cut short its newest whole checkpoint under that name. Returns one line per trial

@@ -312,7 +312,7 @@ search:
     # alone run 3 epochs, in 50 ms), so each moment is seen before the next one passes. At
     # the last, 12 or 13 trials have finished, at most `concurrent` more have been sampled,
     # and the driver has told the sampler of all but the last `concurrent` of them: some
-    # trials are sampled after the resume, with over n_startup_trials (10) finished.
+    # trials are sampled after the resume, with over n_startup_trials (4 for 16) finished.
     late = n_trials - 2 * concurrent
     # Early: the first result is flushed at once, the next ones within 10 s are not; should
     # no check fall in that gap, the first finished trial ends the wait.
@@ -350,23 +350,94 @@ search:
         again = rows[(rows.trial_id == trial_id) & (rows.epoch == epoch)]
         assert again.end_time.item() == end_time
 
-    # The sampler kept its history: every trial is in the Optuna study with its value ...
+    # The sampler kept its history: every trial is in the Optuna study with its value (and
+    # what the driver sampled after Tune last saved its state, before a kill, failed) ...
     state = searcher_state(run)
     study, by_trial = state["_ot_study"], state["_ot_trials"]
-    assert len(study.trials) == n_trials and set(by_trial) == set(trials.trial_id)
+    sampled = [t for t in study.trials if t.state.name != "FAIL"]
+    assert len(sampled) == n_trials and set(by_trial) == set(trials.trial_id)
+    assert {t.user_attrs["trial_id"] for t in sampled} == set(trials.trial_id)
     for row in trials.itertuples():
         told = study.trials[by_trial[row.trial_id].number]
         assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
         assert told.params == pytest.approx({"lr": row.lr,
                                              "label_smoothing": row.label_smoothing})
     # ... and the trials sampled after the last resume came from TPE's model (which needs
-    # n_startup_trials finished trials), with too few finished since the resume to count.
+    # n_startup_trials finished trials), the first of them with too few finished since the
+    # resume to count.
     n_startup = state["_sampler"]._n_startup_trials
-    after = [t for t in study.trials if t.datetime_start >= resumed]
+    after = sorted((t for t in sampled if t.datetime_start >= resumed),
+                   key=lambda t: t.datetime_start)
     assert after, "every trial was sampled before the last kill"
-    for trial in after:
+    for i, trial in enumerate(after):
         history = [t for t in study.trials if t.datetime_complete is not None
-                   and t.datetime_complete < trial.datetime_start]
+                   and t.state.name != "FAIL" and t.datetime_complete < trial.datetime_start]
         assert len(history) >= n_startup
-        assert sum(t.datetime_complete >= resumed for t in history) < n_startup
+        if i == 0:
+            assert sum(t.datetime_complete >= resumed for t in history) < n_startup
+        assert any(key.startswith("tpe:relative_params") for key in trial.system_attrs)
+
+
+@pytest.mark.slow
+def test_a_killed_add_trials_resumes_with_each_epoch_once_and_the_whole_history(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """--add-trials on a finished search, SIGKILL of its driver once two added trials
+    finished, then --add-trials again (refused: interrupted) and --resume: the run holds
+    every trial of both, each epoch once, and every added trial came from TPE's model over
+    at least the first search's trials."""
+    import optuna
+    import ray
+
+    from search.cli import main
+    from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME
+    from search.study import open_storage
+
+    n_first, n_added, epochs, concurrent = 6, 6, 2, 2
+    space = space_file(tmp_path, f"""
+sampler: tpe
+scheduler: {{name: fifo, max_epochs: {epochs}}}
+fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
+search:
+  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
+  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
+""")
+    run, log = tmp_path / "x", tmp_path / "driver.log"
+    storage = ["--storage", str(tmp_path), "--name", "x"]
+    main(["search", "--space", str(space), "--data", tiny_images(tmp_path), "--trials",
+          str(n_first), "--max-concurrent", str(concurrent), *storage])
+    first = {r["trial_id"] for r in read_rows(run / TRIALS_FILE)}
+    with log.open("ab") as out:
+        driver = subprocess.Popen(
+            resnet_hpo("search", *storage, "--add-trials", str(n_added), "--max-concurrent",
+                       str(concurrent), "--address", ray.get_runtime_context().gcs_address),
+            stdout=out, stderr=subprocess.STDOUT)
+    kill_when(driver, run, lambda: finished(run, epochs) >= n_first + concurrent, log)
+    assert finished(run, epochs) < n_first + n_added
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["search", *storage, "--add-trials", "2"])
+    assert "--resume" in capsys.readouterr().err
+    main(["search", *storage, "--resume"])
+
+    trials = read_rows(run / TRIALS_FILE)
+    rows = read_rows(run / EPOCHS_FILE)
+    assert len(trials) == n_first + n_added and {t["status"] for t in trials} == {"TERMINATED"}
+    assert sorted((r["trial_id"], r["epoch"]) for r in rows) == sorted(
+        (t["trial_id"], e) for t in trials for e in range(1, epochs + 1))
+    assert json.loads((run / SEARCH_FILE).read_text())["trials"] == n_first + n_added
+    assert (run / STUDY_FILE).is_file()
+    study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(RunDir.open(run)))
+    told = [t for t in study.trials if t.state.name != "FAIL"]
+    assert {t.user_attrs["trial_id"] for t in told} == {t["trial_id"] for t in trials}
+    best = {t["trial_id"]: t["best_metric"] for t in trials}
+    for trial in told:
+        assert trial.state.name == "COMPLETE"
+        assert trial.value == pytest.approx(best[trial.user_attrs["trial_id"]])
+        if trial.user_attrs["trial_id"] in first:
+            continue
+        assert trial.datetime_start is not None
+        history = {t.user_attrs["trial_id"] for t in told if t.datetime_complete is not None
+                   and t.datetime_complete < trial.datetime_start}
+        assert first <= history
         assert any(key.startswith("tpe:relative_params") for key in trial.system_attrs)

@@ -227,7 +227,8 @@ def test_each_sampler_is_seeded(sampler: str) -> None:
     space = load_space("default")
 
     def first_configs(seed: int) -> list[dict]:
-        study = optuna.create_study(direction="maximize", sampler=make_sampler(sampler, seed))
+        study = optuna.create_study(direction="maximize",
+                                    sampler=make_sampler(sampler, seed, 12))
         configs = []
         for _ in range(3):
             trial = study.ask()
@@ -275,7 +276,8 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
                                  max_epochs=None, sampler=None, trials=4, gpus_per_trial=0.25,
                                  cpus_per_trial=1.0, max_concurrent=None, max_failures=0,
                                  storage=str(tmp_path), name="x", address=None, seed=0,
-                                 command_line="resnet-hpo search"))
+                                 command_line="resnet-hpo search", warm_start=None,
+                                 warm_start_top=4))
     with pytest.raises(UserError, match=r"0 GPUs in all.*use --gpus-per-trial 0"):
         check_resources(request_from_args(args, {}))
 

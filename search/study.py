@@ -1,0 +1,152 @@
+"""The Optuna study of a search, kept in its run directory (STUDY_FILE: Optuna's journal file
+storage, which concurrent readers such as optuna-dashboard do not lock as SQLite does).
+
+The driver is the only writer. A local run directory holds the journal itself; for a remote
+one (s3://...) the journal lives on the driver's disk (under $RESNET_HPO_CACHE) and the
+results writer copies it into the run directory whenever it writes the Parquet files.
+
+Ray Tune pickles the searcher into its saved state, the study's storage with it. The journal
+pickles as the run's URI, so a restored search reopens the journal of the run, not a path
+on the machine that pickled it. The journal can be ahead of Tune's saved state (the driver
+appends every ask and tell at once; Tune saves every few seconds): `close_orphans` fails the
+trials the sampler started that Tune's saved state never heard of, so that TPE's constant
+liar does not count them as running forever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from ray.tune.search.optuna import OptunaSearch
+
+from search.rundir import STUDY_FILE, STUDY_NAME, RunDir
+from trainable.data import cache_dir
+from trainable.errors import UserError
+
+TRIAL_ID_ATTR = "trial_id"  # a study trial's user attribute: its Tune trial id (trials.parquet)
+
+
+def startup_trials(trials: int) -> int:
+    """TPE's random trials before it models anything: a quarter of the search, 2 to 10
+    (Optuna's own default is 10, which leaves a 12-trial search with 2 model-based trials)."""
+    return max(2, min(10, trials // 4))
+
+
+def journal_path(run: RunDir) -> Path:
+    """The journal the driver appends to: in the run directory when it is on this disk."""
+    local = run.local_path(STUDY_FILE)
+    if local is not None:
+        return local
+    key = hashlib.sha256(run.uri.encode()).hexdigest()[:16]
+    return cache_dir() / "studies" / key / STUDY_FILE
+
+
+class RunJournal(JournalFileBackend):
+    """The journal of the run at `run_uri`; pickles as that URI."""
+
+    def __init__(self, run_uri: str):
+        self.run_uri = run_uri
+        path = journal_path(RunDir.open(run_uri))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(str(path))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RunJournal, (self.run_uri,))
+
+
+def pull_journal(run: RunDir) -> None:
+    """Bring a remote run's journal to the driver's disk, unless the copy there already
+    starts with it (the journal only grows: the longer one is the newer)."""
+    if run.local_path() is not None or not run.exists(STUDY_FILE):
+        return
+    with run.fs.open_input_stream(run.join(STUDY_FILE)) as f:
+        remote = f.read()
+    local = journal_path(run)
+    if local.exists() and local.read_bytes().startswith(remote):
+        return
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(remote)
+
+
+def push_journal(run: RunDir) -> None:
+    """Copy the driver's journal into a remote run directory (a local one holds it)."""
+    local = journal_path(run)
+    if run.local_path() is None and local.exists():
+        run.write_bytes(STUDY_FILE, local.read_bytes())
+
+
+def check_journal(run: RunDir) -> None:
+    """One line naming the run's study file when it is not a whole Optuna journal with the
+    search's study. Reads only; call pull_journal first for a remote run."""
+    path, where = journal_path(run), run.uri_of(STUDY_FILE)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{where}: cannot read the search's Optuna study ({e.strerror or e})"
+                        ) from None
+    lines = data.split(b"\n")
+    if lines[-1]:
+        raise UserError(f"{where} is corrupt: its last line ({len(lines)}) is cut off; the "
+                        "trials in trials.parquet are intact")
+    for number, line in enumerate(lines[:-1], 1):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict) or not isinstance(entry.get("op_code"), int):
+                raise ValueError("not an operation")
+        except ValueError:
+            raise UserError(f"{where} is corrupt: line {number} is not an Optuna journal "
+                            "operation; the trials in trials.parquet are intact") from None
+    try:
+        storage = JournalStorage(JournalFileBackend(str(path)))  # replays it
+    except Exception as e:  # a journal that parses but does not add up
+        raise UserError(f"{where} is corrupt: Optuna cannot replay it ({type(e).__name__}: "
+                        f"{e})") from None
+    try:
+        optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    except KeyError:
+        raise UserError(f"{where} holds no study named {STUDY_NAME!r}; is this the study "
+                        "file of a search?") from None
+
+
+def open_storage(run: RunDir) -> JournalStorage:
+    return JournalStorage(RunJournal(run.uri))
+
+
+def open_study(storage: JournalStorage, mode: str) -> optuna.Study:
+    """The run's study (created if the journal has none yet); `mode`: max or min."""
+    return optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
+                               direction="maximize" if mode == "max" else "minimize")
+
+
+def close_orphans(study: optuna.Study, known: set[str]) -> int:
+    """Fail the study's running trials whose Tune trial is not in `known` (the trials Tune
+    will go on with); returns how many."""
+    orphans = [t for t in study.get_trials(deepcopy=False,
+                                           states=(optuna.trial.TrialState.RUNNING,))
+               if t.user_attrs.get(TRIAL_ID_ATTR) not in known]
+    for trial in orphans:
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch that names each study trial after its Tune trial, and ignores results
+    for a trial the study has finished already (told before a kill, run again from its
+    checkpoint because Tune's saved state is older)."""
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        new = trial_id not in self._ot_trials
+        config = super().suggest(trial_id)
+        if new:
+            self._ot_trials[trial_id].set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_result(trial_id, result)
