@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import duckdb
 import optuna
@@ -242,7 +243,8 @@ def test_each_sampler_is_seeded(sampler: str) -> None:
     assert first_configs(7) != first_configs(8)
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning",
+                            "ignore:Define-by-run function:UserWarning")  # GP samples slowly
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random", "qmc", "gp"])
 def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) -> None:
     """The searcher a search builds, asked and told as Tune would, on the full default space
@@ -258,7 +260,7 @@ def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) ->
         assert config is not None
         cfg = TrainConfig.from_dict(config)
         searcher.on_trial_complete(f"t{i}", {"best_val_acc": cfg.lr * (1 + cfg.label_smoothing)})
-    study: optuna.Study = searcher._ot_study
+    study = cast(optuna.Study, searcher._ot_study)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * trials
 
 
