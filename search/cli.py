@@ -238,7 +238,8 @@ def add_dashboard_parser(commands: Subcommands) -> None:
                     "the history of the trials, hyperparameter importances, parallel "
                     "coordinates and every trial's learning curve, live while the search "
                     "runs. Needs pip install 'resnet-hpo[dashboard]'. A remote run (s3://...) "
-                    "is shown as copied when the command starts.")
+                    "is shown as this machine's copy of its journal: live where the search's "
+                    "driver runs, else copied when the command starts.")
     dashboard.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to listen on (default 127.0.0.1: this machine only; "

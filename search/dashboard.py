@@ -5,11 +5,10 @@ again on every page, so it follows a running search."""
 from __future__ import annotations
 
 import socket
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, RunDir
+from search.rundir import SEARCH_FILE, STUDY_FILE, RunDir
+from search.study import check_journal, journal_path, open_storage, pull_journal
 from trainable.errors import UserError
 
 if TYPE_CHECKING:
@@ -23,12 +22,11 @@ def dashboard_command(run_uri: str, host: str, port: int) -> None:
         raise UserError("optuna-dashboard is not installed: pip install 'resnet-hpo[dashboard]' "
                         "(or pip install optuna-dashboard)") from None
     run = RunDir.open(run_uri)
-    with tempfile.TemporaryDirectory(prefix="resnet-hpo-dashboard-") as scratch:
-        storage = study_storage(study_file(run, Path(scratch)), run.uri_of(STUDY_FILE))
-        check_address(host, port)
-        print(f"optuna-dashboard of {run.uri} on http://{host}:{port}/dashboard/ (Ctrl-c "
-              "stops it)", flush=True)
-        optuna_dashboard.run_server(storage, host=host, port=port)
+    storage = run_storage(run)
+    check_address(host, port)
+    print(f"optuna-dashboard of {run.uri} on http://{host}:{port}/dashboard/ (Ctrl-c "
+          "stops it)", flush=True)
+    optuna_dashboard.run_server(storage, host=host, port=port)
 
 
 def check_address(host: str, port: int) -> None:
@@ -42,39 +40,20 @@ def check_address(host: str, port: int) -> None:
                         "choose another --port") from None
 
 
-def study_file(run: RunDir, scratch: Path) -> Path:
-    """The run's journal on this machine's disk: itself, or a copy of a remote run's in
-    `scratch`."""
+def run_storage(run: RunDir) -> JournalStorage:
+    """The run's study as the driver opens it (search/study.py): its journal, or for a remote
+    run the copy on this machine's disk, brought up to date with the run's; one line naming
+    the file when it is missing or corrupt."""
     if not run.exists(STUDY_FILE):
         if run.exists(SEARCH_FILE):
             raise UserError(f"{run.uri}: no {STUDY_FILE} here; the search was run before "
                             "searches kept their Optuna study (`resnet-hpo results` reads its "
                             "trials)")
         run.require(STUDY_FILE)
-    local = run.local_path(STUDY_FILE)
-    if local is not None:
-        return local
-    copy = scratch / STUDY_FILE
-    with run.fs.open_input_stream(run.join(STUDY_FILE)) as f:
-        copy.write_bytes(f.read())
-    print(f"{run.uri_of(STUDY_FILE)}: showing a copy made now; run the command again for "
-          "newer trials", flush=True)
-    return copy
-
-
-def study_storage(path: Path, where: str) -> JournalStorage:
-    """The journal as Optuna reads it, or one line naming the file when it cannot."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    try:
-        storage = JournalStorage(JournalFileBackend(str(path)))
-        names = optuna.get_all_study_names(storage)
-    except Exception as e:  # a journal cut or edited, or another file under its name
-        raise UserError(f"{where} is corrupt: Optuna cannot replay it ({type(e).__name__}: "
-                        f"{e})") from None
-    if STUDY_NAME not in names:
-        raise UserError(f"{where} holds no study named {STUDY_NAME!r}; is this the study file "
-                        "of a search?")
-    return storage
+    pull_journal(run)
+    check_journal(run)
+    if run.local_path() is None:
+        print(f"{run.uri_of(STUDY_FILE)}: showing this machine's copy, {journal_path(run)}; "
+              "it follows a search whose driver runs here, else run the command again for "
+              "newer trials", flush=True)
+    return open_storage(run)

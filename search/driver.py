@@ -19,7 +19,6 @@ from typing import Any
 
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
 from search.study import (
-    StudySearch,
     check_journal,
     close_orphans,
     journal_path,
@@ -28,6 +27,7 @@ from search.study import (
     pull_journal,
     startup_trials,
 )
+from search.study_search import StudySearch
 from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
 from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
@@ -285,7 +285,7 @@ def run_search(request: SearchRequest) -> None:
         for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
             print(line, flush=True)
         if journal_path(run).exists():
-            close_orphans(open_study(open_storage(run), request.space.mode),
+            close_orphans(open_study(open_storage(run), request.space),
                           saved_trial_ids(run))
         tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
                                    resume_unfinished=True, resume_errored=True)
@@ -311,7 +311,7 @@ def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, warm_start: Wa
         if run.local_path() is None:
             journal_path(run).unlink(missing_ok=True)  # the driver's copy of an earlier run's
     storage = open_storage(run)
-    study = open_study(storage, space.mode)
+    study = open_study(storage, space)
     earlier = len(study.trials)
     if request.mode == "add":
         close_orphans(study, set())  # none is running: the search finished

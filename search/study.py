@@ -5,29 +5,33 @@ The driver is the only writer. A local run directory holds the journal itself; f
 one (s3://...) the journal lives on the driver's disk (under $RESNET_HPO_CACHE) and the
 results writer copies it into the run directory whenever it writes the Parquet files.
 
-Ray Tune pickles the searcher into its saved state, the study's storage with it. The journal
-pickles as the run's URI, so a restored search reopens the journal of the run, not a path
-on the machine that pickled it. The journal can be ahead of Tune's saved state (the driver
-appends every ask and tell at once; Tune saves every few seconds): `close_orphans` fails the
-trials the sampler started that Tune's saved state never heard of, so that TPE's constant
-liar does not count them as running forever.
+Ray Tune pickles the searcher (search/study_search.py) into its saved state, the study's
+storage with it. The journal pickles as the run's URI, so a restored search reopens the
+journal of the run, not a path on the machine that pickled it. The journal can be ahead of
+Tune's saved state (the driver appends every ask and tell at once; Tune saves every few
+seconds): `close_orphans` fails the trials the sampler started that Tune's saved state never
+heard of, so that TPE's constant liar does not count them as running forever.
+
+`resnet-hpo dashboard` reads the study through this module too, and imports neither Ray nor
+torch through it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
-from ray.tune.search.optuna import OptunaSearch
 
 from search.rundir import STUDY_FILE, STUDY_NAME, RunDir
-from trainable.data import cache_dir
 from trainable.errors import UserError
+
+if TYPE_CHECKING:
+    from spaces import SearchSpace
 
 TRIAL_ID_ATTR = "trial_id"  # a study trial's user attribute: its Tune trial id (trials.parquet)
 
@@ -43,6 +47,8 @@ def journal_path(run: RunDir) -> Path:
     local = run.local_path(STUDY_FILE)
     if local is not None:
         return local
+    from trainable.data import cache_dir  # imports torch: only for a remote run
+
     key = hashlib.sha256(run.uri.encode()).hexdigest()[:16]
     return cache_dir() / "studies" / key / STUDY_FILE
 
@@ -118,10 +124,18 @@ def open_storage(run: RunDir) -> JournalStorage:
     return JournalStorage(RunJournal(run.uri))
 
 
-def open_study(storage: JournalStorage, mode: str) -> optuna.Study:
-    """The run's study (created if the journal has none yet); `mode`: max or min."""
-    return optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
-                               direction="maximize" if mode == "max" else "minimize")
+def open_study(storage: JournalStorage, space: SearchSpace) -> optuna.Study:
+    """The run's study (created if the journal has none yet), its objective named as the
+    trials report it (best_val_acc, ...), which optuna-dashboard puts on its axes."""
+    from trainable.tune_adapter import objective_name  # imports Ray and torch
+
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
+                                direction="maximize" if space.mode == "max" else "minimize")
+    if study.metric_names is None:  # a new study, or one from before studies were named
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and the only way
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective_name(space.metric)])
+    return study
 
 
 def close_orphans(study: optuna.Study, known: set[str]) -> int:
@@ -134,19 +148,3 @@ def close_orphans(study: optuna.Study, known: set[str]) -> int:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
 
-
-class StudySearch(OptunaSearch):
-    """OptunaSearch that names each study trial after its Tune trial, and ignores results
-    for a trial the study has finished already (told before a kill, run again from its
-    checkpoint because Tune's saved state is older)."""
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        new = trial_id not in self._ot_trials
-        config = super().suggest(trial_id)
-        if new:
-            self._ot_trials[trial_id].set_user_attr(TRIAL_ID_ATTR, trial_id)
-        return config
-
-    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            super().on_trial_result(trial_id, result)

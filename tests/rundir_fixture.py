@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
@@ -17,18 +16,16 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import optuna
 import pyarrow as pa
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from search.rundir import (
     EPOCHS_FILE,
     SEARCH_FILE,
-    STUDY_FILE,
     STUDY_NAME,
     TRIALS_FILE,
     RunDir,
     trials_schema,
 )
+from search.study import open_storage, open_study
 from spaces.space import DefineByRun, SearchSpace, load_space
 from trainable.config import field_names
 
@@ -94,21 +91,14 @@ def sampled_run(run: Path, n_trials: int = 12, space_name: str = "default",
                 seed: int = 0, study: bool = False) -> Path:
     """A search over a shipped space: the metric peaks at lr = 1e-2 and rises with depth.
     With `study`, the Optuna study is kept in RUN/study.journal, each trial with its running
-    best per epoch as intermediate values (as OptunaSearch reports them)."""
+    best per epoch as intermediate values (as StudySearch records them)."""
     space = load_space(space_name)
-    storage = None
-    if study:
-        run.mkdir(parents=True, exist_ok=True)
-        storage = JournalStorage(JournalFileBackend(str(run / STUDY_FILE)))
-    optuna_study = optuna.create_study(
-        storage=storage, study_name=STUDY_NAME, sampler=optuna.samplers.RandomSampler(seed=seed),
-        direction="maximize" if space.mode == "max" else "minimize")
-    if study:
-        from trainable.tune_adapter import objective_name  # imports Ray: only when needed
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna_study.set_metric_names([objective_name(space.metric)])
+    if study:  # created as the driver creates it
+        optuna_study = open_study(open_storage(RunDir.open(run)), space)
+    else:
+        optuna_study = optuna.create_study(
+            study_name=STUDY_NAME, direction="maximize" if space.mode == "max" else "minimize")
+    optuna_study.sampler = optuna.samplers.RandomSampler(seed=seed)
     rng = np.random.default_rng(seed)
     max_epochs = space.scheduler.max_epochs
     trials, epochs = [], []

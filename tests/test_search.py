@@ -22,7 +22,8 @@ from search.cli import main
 from search.driver import check_resources, make_sampler, request_from_args
 from search.ensemble import ensemble_command
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
-from search.study import StudySearch, startup_trials
+from search.study import startup_trials
+from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
 from tests.conftest import search_space_file
 from trainable import TrainConfig, load_dataset

@@ -14,6 +14,7 @@ import optuna
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from optuna.storages.journal._storage import JournalOperation
 
 from search.cli import main
 from search.driver import make_sampler
@@ -28,6 +29,7 @@ from search.study import (
     push_journal,
     startup_trials,
 )
+from search.study_search import StudySearch
 from search.warm_start import WARM_START_ATTR, plan_warm_start
 from spaces import DefineByRun, load_space, parse_space
 from tests.rundir_fixture import sampled_run, search_json, trial_rows, write_run
@@ -68,7 +70,7 @@ def finished_run(run: Path, journal: bytes) -> Path:
 
 
 def whole_journal(tmp_path: Path) -> bytes:
-    study = open_study(open_storage(RunDir.open(tmp_path / "journal")), "max")
+    study = open_study(open_storage(RunDir.open(tmp_path / "journal")), load_space("quick"))
     trial = study.ask()
     DefineByRun(load_space("quick"))(trial)
     study.tell(trial, 0.5)
@@ -89,7 +91,7 @@ def test_a_remote_run_keeps_its_journal_on_the_driver_and_a_copy_in_the_run(
                  "run", "mock://bucket/run")
     local, remote = journal_path(run), tmp_path / "bucket" / "run" / STUDY_FILE
     assert local.is_relative_to(cache_dir())
-    study = open_study(open_storage(run), "max")
+    study = open_study(open_storage(run), load_space("quick"))
     study.tell(study.ask(), 0.5)
     assert local.is_file() and not remote.exists()
     push_journal(run)  # as the results writer does with every flush
@@ -105,6 +107,71 @@ def test_a_remote_run_keeps_its_journal_on_the_driver_and_a_copy_in_the_run(
     # Tune pickles the storage with the searcher; it reopens the run's journal
     reopened = pickle.loads(pickle.dumps(open_storage(run)))
     assert len(optuna.load_study(study_name=STUDY_NAME, storage=reopened).trials) == 1
+
+
+def test_the_study_names_its_objective_as_the_trials_report_it(tmp_path: Path) -> None:
+    """optuna-dashboard labels its axes with the study's metric names ("Objective 0" without)."""
+    (tmp_path / "new").mkdir()
+    assert open_study(open_storage(RunDir.open(tmp_path / "new")), load_space("quick")
+                      ).metric_names == ["best_val_acc"]
+    old = RunDir.open(tmp_path / "old")  # a study from before studies were named
+    (tmp_path / "old").mkdir()
+    optuna.create_study(storage=open_storage(old), study_name=STUDY_NAME, direction="minimize")
+    losses = parse_space("metric: val_loss\nsearch:\n  lr: {type: float, low: 0.001, high: 0.1}\n",
+                         "loss.yaml")
+    open_study(open_storage(old), losses)
+    assert load_run_study(old).metric_names == ["best_val_loss"]
+
+
+def epoch_result(epoch: int, best: float) -> dict[str, Any]:
+    return {"epoch": epoch, "best_val_acc": best, "training_iteration": epoch}
+
+
+def test_the_study_records_every_epoch_once_the_last_one_too(
+        tmp_path: Path, recwarn: pytest.WarningsRecorder) -> None:
+    """The calls Tune's controller makes for three trials, as it makes them."""
+    space, run = load_space("quick"), RunDir.open(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    storage = open_storage(run)
+    open_study(storage, space)
+
+    def searcher() -> StudySearch:
+        return StudySearch(space=DefineByRun(space), metric="best_val_acc", mode="max",
+                           storage=storage, study_name=STUDY_NAME,
+                           sampler=optuna.samplers.RandomSampler(seed=0))
+
+    search = searcher()
+    # ASHA stops "stopped" on its 2nd epoch: Tune passes that result to completion only
+    search.suggest("stopped")
+    search.on_trial_result("stopped", epoch_result(1, 0.1))
+    search.on_trial_complete("stopped", epoch_result(2, 0.2))
+    # "ran" ends after its 3rd epoch: Tune passes the last result again at completion
+    search.suggest("ran")
+    for epoch in (1, 2, 3):
+        search.on_trial_result("ran", epoch_result(epoch, 0.1 * epoch))
+    search.on_trial_complete("ran", epoch_result(3, 0.3))
+    # "killed": Tune saved the searcher after epoch 1, the journal has epoch 2 too; restored,
+    # the trial runs epoch 2 again from its checkpoint
+    search.suggest("killed")
+    search.on_trial_result("killed", epoch_result(1, 0.1))
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.on_trial_result("killed", epoch_result(2, 0.2))
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("killed", epoch_result(2, 0.25))
+    restored.on_trial_result("killed", epoch_result(3, 0.3))
+    restored.on_trial_complete("killed", epoch_result(3, 0.3))
+
+    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in load_run_study(run).trials}
+    assert trials["stopped"].intermediate_values == {1: 0.1, 2: 0.2}
+    assert trials["ran"].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}
+    assert trials["killed"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+    assert [t.value for t in trials.values()] == [0.2, 0.3, 0.3]
+    journal = [json.loads(line) for line in (tmp_path / "run" / STUDY_FILE).read_text().split(
+        "\n")[:-1]]
+    assert sum(op["op_code"] == JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE
+               for op in journal) == 2 + 3 + 3
+    assert not [w for w in recwarn if "already reported" in str(w.message)]
 
 
 @pytest.mark.parametrize(("damage", "expected"), [
@@ -231,12 +298,14 @@ def test_warm_start_enqueues_the_best_configs_clipped_and_keeps_the_fitting_tria
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Iterator[Path]:
-    """A finished search of 8 trials of the quick space on digits at 16px, 1 epoch each."""
+    """A finished search of 8 trials of the quick space on digits at 16px, 1 epoch each: ASHA
+    stops each trial on that epoch, so Tune passes its only result to the searcher's
+    on_trial_complete alone."""
     storage = tmp_path_factory.mktemp("study")
     quick = load_space("quick")
     space = storage / "quick-1-epoch.yaml"
-    space.write_text(re.sub(r"(?m)^scheduler: .*$", "scheduler: {name: fifo, max_epochs: 1}",
-                            quick.text))
+    space.write_text(re.sub(r"(?m)^scheduler: .*$",
+                            "scheduler: {name: asha, max_epochs: 1, grace_period: 1}", quick.text))
     with pytest.MonkeyPatch.context() as monkeypatch:  # _isolated_cache is per test
         monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         main(["search", "--space", str(space), "--data", "digits", "--resolution", "16",
@@ -307,8 +376,9 @@ def test_add_trials_appends_trials_sampled_by_tpe_with_the_earlier_ones_as_histo
     assert meta["trials"] == 16 and [(a["trials"], a["after"]) for a in meta["added"]] == [(8, 8)]
     assert sorted(p.name for p in (run / "tensorboard").iterdir()) == sorted(trials.trial_id)
 
-    # The study holds all 16, told the values trials.parquet has ...
+    # The study holds all 16, told the values trials.parquet has, every epoch the last too ...
     study = load_run_study(run)
+    assert study.metric_names == ["best_val_acc"]
     by_id = {t.user_attrs[TRIAL_ID_ATTR]: t for t in study.trials}
     assert len(study.trials) == 16 and set(by_id) == set(trials.trial_id)
     assert {by_id[i].number for i in first.trial_id} == set(range(8))
@@ -317,6 +387,9 @@ def test_add_trials_appends_trials_sampled_by_tpe_with_the_earlier_ones_as_histo
         told = by_id[row.trial_id]
         assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
         assert told.params == pytest.approx({name: getattr(row, name) for name in searched})
+        ran = sorted(epochs.epoch[epochs.trial_id == row.trial_id])
+        assert sorted(told.intermediate_values) == ran
+        assert told.intermediate_values[ran[-1]] == pytest.approx(row.best_metric)
     # ... and each added trial came from TPE's model over at least the first 8 (its startup
     # trials for 16 are 4) ...
     for trial in study.trials[8:]:

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from optuna.distributions import FloatDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from search.cli import main
-from search.rundir import STUDY_FILE, STUDY_NAME, TRIALS_FILE
+from search.dashboard import run_storage
+from search.rundir import STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
 from search.searched import active_values
+from search.study import journal_path, open_storage
 from spaces.space import load_space
 from tests.browser import Browser, chromium, free_port, get_json, poll, post_json, server
 from tests.rundir_fixture import sampled_run, write_tensorboard
@@ -189,10 +190,10 @@ def test_the_dashboard_follows_a_running_search(tmp_path: Path) -> None:
     with dashboard_of(run) as url:
         assert len(get_json(f"{url}/api/studies/0")["trials"]) == 3
         # the search's driver appends a trial to the journal
-        optuna.load_study(study_name=STUDY_NAME, storage=JournalStorage(JournalFileBackend(
-            str(run / STUDY_FILE)))).add_trial(optuna.trial.create_trial(
-                params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 0.3, log=True)},
-                value=0.5))
+        study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(RunDir.open(run)))
+        study.add_trial(optuna.trial.create_trial(
+            params={"lr": 0.01}, distributions={"lr": FloatDistribution(1e-3, 0.3, log=True)},
+            value=0.5))
         shown = poll(lambda: get_json(f"{url}/api/studies/0")["trials"],  # cached for seconds
                      lambda trials: len(trials) > 3)
     assert len(shown) == 4
@@ -236,13 +237,28 @@ def test_the_dashboard_refuses_what_is_no_study_in_one_line(
     lines = (run / STUDY_FILE).read_bytes().split(b"\n")
     (run / STUDY_FILE).write_bytes(b"\n".join([*lines[:2], b'{"op_code": 5, "tri', *lines[2:]]))
     before = files(run)
-    assert f"{run}/study.journal is corrupt: Optuna cannot replay it" in dashboard_error(
+    assert f"{run}/study.journal is corrupt: line 3 is not an Optuna journal" in dashboard_error(
         capsys, run)
     assert files(run) == before
     (run / STUDY_FILE).write_bytes(b"")  # a journal, but without the search's study
     before = files(run)
     assert "holds no study named 'search'" in dashboard_error(capsys, run)
     assert files(run) == before
+
+
+def test_the_dashboard_of_a_remote_run_shows_the_copy_on_this_machine(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run directory behind a filesystem other than the local one, as s3:// is: the dashboard
+    reads the journal where the search's driver keeps it, brought up to date with the run's."""
+    sampled_run(tmp_path / "bucket" / "run", n_trials=3, study=True)
+    run = RunDir(pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem()),
+                 "run", "mock://bucket/run")
+    storage = run_storage(run)
+    assert journal_path(run).read_bytes() == (tmp_path / "bucket" / "run" / STUDY_FILE
+                                              ).read_bytes()
+    assert len(optuna.load_study(study_name=STUDY_NAME, storage=storage).trials) == 3
+    assert f"mock://bucket/run/{STUDY_FILE}: showing this machine's copy, {journal_path(run)}" \
+        in capsys.readouterr().out
 
 
 def files(folder: Path) -> dict[str, bytes]:
