@@ -1,8 +1,9 @@
 """`resnet-hpo search`: a space file becomes an OptunaSearch + ASHA run on Ray Tune.
 
 Everything the user gave is checked (space, data, resources, run name) before a trial
-starts; the dataset is decoded once here and shared with every trial through Ray's
-object store.
+starts; the dataset is decoded once here into a file, which every trial memory-maps: the
+trials of this node from the cache, those of other nodes from a copy in the run's storage
+(RUN/data/KEY) that each node fetches once.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir
 from search.tune_state import mend_trial_checkpoints, tune_state_problem
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
-from trainable.data import Dataset, load_dataset
+from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -168,7 +169,7 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def build_trainable(request: SearchRequest, data: Dataset) -> Any:
+def build_trainable(request: SearchRequest, data: DecodedData) -> Any:
     from ray import tune
 
     from trainable.tune_adapter import train_trial
@@ -178,7 +179,7 @@ def build_trainable(request: SearchRequest, data: Dataset) -> Any:
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
-def build_tuner(request: SearchRequest, data: Dataset, concurrent: int) -> Any:
+def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int) -> Any:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -220,7 +221,8 @@ def run_search(request: SearchRequest, resume: bool) -> None:
         raise UserError(f"--name {request.name}: {run.uri} already holds a search; add --resume "
                         "to continue it, or choose another --name")
     cfg = request.space.config({})
-    data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    decoded = decode_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    data = decoded.open()
     print(data.summary(), flush=True)
     start_ray(request.address)
     fits = check_resources(request)
@@ -237,13 +239,14 @@ def run_search(request: SearchRequest, resume: bool) -> None:
                             "--name")
         for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
             print(line, flush=True)
-        tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
-                                   resume_unfinished=True, resume_errored=True)
+        trainable = build_trainable(request, decoded.published(run.uri))
+        tuner = tune.Tuner.restore(run.uri, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
         print(f"resuming {run.uri}", flush=True)
     else:
         concurrent = request.max_concurrent or fits
         run.write_json(SEARCH_FILE, search_metadata(request, data))
-        tuner = build_tuner(request, data, concurrent)
+        tuner = build_tuner(request, decoded.published(run.uri), concurrent)
         print(f"search {request.name}: {request.trials} trials, sampler "
               f"{request.space.sampler}, scheduler {request.space.scheduler.name}, "
               f"{concurrent} at a time; results in {run.uri}", flush=True)

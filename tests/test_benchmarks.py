@@ -71,6 +71,6 @@ def test_device_images_gather_the_requested_rows_and_labels() -> None:
     images = np.arange(6 * 3 * 2 * 2, dtype=np.uint8).reshape(6, 3, 2, 2)
     split = Split(images, np.array([5, 4, 3, 2, 1, 0]))
     device_images = DeviceImages(split, torch.device("cpu"))
-    batch, labels = device_images.batch(torch.tensor([4, 1]))
+    [(batch, labels)] = device_images.batches([torch.tensor([4, 1])])
     assert torch.equal(batch, torch.from_numpy(images[[4, 1]]))
     assert labels.tolist() == [1, 4]

@@ -242,7 +242,7 @@ def test_a_bad_space_file_is_refused_before_ray_starts_or_data_is_read(
 
     monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
     monkeypatch.setattr(ray, "init", never("start or join Ray"))
-    monkeypatch.setattr("search.driver.load_dataset", never("decode the data"))
+    monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
     space = tmp_path / "space.yaml"
     space.write_text(f"fixed: {{weights: none}}\n{lines}\n")
     err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits",
