@@ -39,7 +39,7 @@ def test_decode_writes_one_mapped_file_and_trials_get_a_small_handle() -> None:
     stop = 0
     for split in splits:
         assert split is not None and isinstance(split.images, np.memmap)
-        assert Path(split.images.filename) == decoded.directory / IMAGES_FILE
+        assert str(split.images.filename) == str(decoded.directory / IMAGES_FILE)
         assert not split.images.flags.writeable
         # train, val and test follow each other in the one file
         assert split.images.ctypes.data == splits[0].images.ctypes.data + stop * 3 * 8 * 8
@@ -141,7 +141,7 @@ def test_a_node_fetches_published_data_once_while_its_trials_wait(
     assert published.directory == tmp_path / "other-node" / "decoded" / decoded.key
     reference = decoded.open()
     for data in results:
-        assert Path(data.train.images.filename).is_relative_to(tmp_path / "other-node")
+        assert str(data.train.images.filename).startswith(str(tmp_path / "other-node"))
         assert np.array_equal(data.train.images, reference.train.images)
         assert np.array_equal(data.val.labels, reference.val.labels)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import search.driver as driver
 from search.cli import main
 from search.driver import check_resources, make_sampler, request_from_args
 from search.ensemble import ensemble_command
@@ -20,6 +21,8 @@ from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
 from spaces import DefineByRun, load_space
 from tests.conftest import search_space_file
 from trainable import TrainConfig, load_dataset
+from trainable.data import DecodedData, decode_dataset
+from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
 from trainable.errors import UserError
 from trainable.saved import load_checkpoint_dir, load_classifier
 from trainable.train import DeviceImages, Runtime, evaluate
@@ -34,11 +37,25 @@ def search(tmp_path: Path, *flags: str) -> Path:
 
 @pytest.mark.slow
 def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
-        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    given: list[object] = []
+    build = driver.build_trainable
+
+    def recording_build(request: driver.SearchRequest, data: DecodedData) -> object:
+        given.append(data)
+        return build(request, data)
+
+    monkeypatch.setattr(driver, "build_trainable", recording_build)
     space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
     run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "6",
                  "--cpus-per-trial", "1")
     out = capsys.readouterr().out
+    # Trials get where the decoded file is, not the arrays; the run holds it (a hard link).
+    decoded = decode_dataset("digits", 8, TrainConfig().val_fraction)
+    assert given == [DecodedData(decoded.key, str(run))]
+    assert (run / RUN_DATA_DIR / decoded.key / IMAGES_FILE).samefile(
+        decoded.directory / IMAGES_FILE)
     assert "best trial" in out and f"run directory: {run}" in out
 
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
