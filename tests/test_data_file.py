@@ -3,6 +3,7 @@ per node from a run's storage, and served to training without a private copy."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -108,6 +109,23 @@ def test_a_killed_decode_is_never_used_and_its_leftovers_go(tmp_path: Path) -> N
     assert len(data.train) + len(data.val) == 90
     assert data.train.images[-1].any() and data.val.images[-1].any()  # written, not zeros
     assert not partial.exists()
+
+
+def test_a_full_disk_is_one_clear_line_and_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "small-disk"
+    monkeypatch.setenv("RESNET_HPO_CACHE", str(cache))
+
+    def full(*_: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainable.data_file.DecodedWriter, "append", full)
+    with pytest.raises(UserError) as err:
+        load_dataset("digits", 8, 0.1)
+    assert str(err.value) == (f"{cache}: cannot write the decoded data there (No space left on "
+                              "device); free some space or set RESNET_HPO_CACHE to another "
+                              "folder")
+    assert [p.suffix for p in (cache / "decoded").iterdir()] == [".lock"]  # no partial file
 
 
 def test_a_node_fetches_published_data_once_while_its_trials_wait(

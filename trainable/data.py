@@ -10,6 +10,7 @@ storage. Augmentation happens later, batched on the training device (`trainable.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tarfile
@@ -43,6 +44,7 @@ DIGITS_TEST_FRACTION = 0.2
 CACHE_FORMAT = "v3"  # part of every key: a new layout never reads an old one
 CHUNK_BYTES = 16 * 2**20  # decoded images resized together (arrays)
 IN_FLIGHT_PER_WORKER = 4  # files decoded ahead of the writer, per thread
+CACHE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -146,10 +148,18 @@ def _decoded(key: str, write: Callable[[Path], None]) -> DecodedData:
     """The handle of `key`, after `write(directory)` made it if this node has none; one
     process per node writes, the others wait and find it written."""
     decoded = DecodedData(key)
-    if not is_complete(decoded.directory):
+    if is_complete(decoded.directory):
+        return decoded
+    try:
         with node_lock(decoded.directory):
             if not is_complete(decoded.directory):
                 write(decoded.directory)
+    except OSError as e:
+        cache = cache_dir()
+        if e.errno in CACHE_WRITE_ERRORS or Path(e.filename or "/").is_relative_to(cache):
+            raise UserError(f"{cache}: cannot write the decoded data there ({e.strerror}); "
+                            "free some space or set RESNET_HPO_CACHE to another folder") from None
+        raise
     return decoded
 
 
