@@ -15,12 +15,13 @@ the clock is this process's CPU time unless `--clock wall`. The last lines are t
 ratios the issue asks for: peak RSS at the largest N over the smallest (<= 1.3) and mapped
 over in-memory images/s (>= 0.8, the lowest over N).
 
-`--search` runs two small real searches (2 trials of 1 epoch, 64px, fc only, 1 CPU each) in
-a fresh driver process with `ray.init(object_store_memory=...)`: one on digits, one on
-generated images whose decoded size is twice the object store. While they run it samples
-every process that maps the decoded file (/proc/PID/status and smaps) and prints the trial
-workers' peak anonymous memory (RssAnon: a private copy would land there) against the data
-size, with their mapping of the file (file-backed pages, shared by every trial of a node).
+`--search` runs two small real searches (2 trials, 64px, fc only, 1 CPU each) in a fresh
+driver process with `ray.init(object_store_memory=...)`: one epoch on generated images whose
+decoded size is twice the object store, and as many steps on digits (several epochs: the
+allocator's peak grows with the steps). While they run it samples every process that maps
+the decoded file (/proc/PID/status and smaps) and prints the trial workers' peak anonymous
+memory (RssAnon: a private copy would land there) against the data size, with their mapping
+of the file (file-backed pages, shared by every trial of a node).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ MIB = 2**20
 NUM_CLASSES = 10
 BATCH = 256
 GENERATE_CHUNK = 1000  # images generated at once
+SEARCH_BATCH = 128
+DIGITS_IMAGES, DIGITS_TRAIN = 1797, 1295  # all, and train at the default val_fraction
 RSS_RATIO_MAX = 1.3
 MAPPED_RATIO_MIN = 0.8
 
@@ -178,16 +181,17 @@ def scale(args: argparse.Namespace) -> None:
 SEARCH_SPACE = """
 metric: val_acc
 sampler: random
-scheduler: {{name: fifo, max_epochs: 1}}
+scheduler: {{name: fifo, max_epochs: {epochs}}}
 resources: {{cpus_per_trial: 1}}
-fixed: {{resolution: {resolution}, weights: none, unfreeze_depth: 0, batch_size: 128,
-        warmup_epochs: 0}}
+fixed: {{resolution: {resolution}, weights: none, unfreeze_depth: 0,
+        batch_size: {batch_size}, warmup_epochs: 0}}
 search:
   lr: {{type: float, low: 0.01, high: 0.1, log: true}}
 """
 
 
-def search_driver(source: str, runs: Path, resolution: int, object_store_mb: int) -> None:
+def search_driver(source: str, runs: Path, resolution: int, epochs: int,
+                  object_store_mb: int) -> None:
     """A search driver process on its own local Ray with a small object store."""
     import logging
 
@@ -199,7 +203,8 @@ def search_driver(source: str, runs: Path, resolution: int, object_store_mb: int
     ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=object_store_mb * MIB,
              include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     space = runs / "space.yaml"
-    space.write_text(SEARCH_SPACE.format(resolution=resolution))
+    space.write_text(SEARCH_SPACE.format(resolution=resolution, epochs=epochs,
+                                         batch_size=SEARCH_BATCH))
     start = time.perf_counter()
     main(["search", "--space", str(space), "--data", source, "--trials", "2", "--storage",
           str(runs), "--name", "scale"])
@@ -261,7 +266,7 @@ class MapSampler(threading.Thread):
                     peak[key] = max(peak.get(key, 0), value)
 
 
-def one_search(tmp: Path, name: str, source: str, args: argparse.Namespace
+def one_search(tmp: Path, name: str, source: str, epochs: int, args: argparse.Namespace
                ) -> tuple[dict[str, Any], dict[int, dict[str, int]], int]:
     cache, runs = tmp / f"cache-{name}", tmp / f"runs-{name}"
     runs.mkdir()
@@ -269,7 +274,8 @@ def one_search(tmp: Path, name: str, source: str, args: argparse.Namespace
     sampler.start()
     driver = subprocess.Popen(
         [sys.executable, __file__, "--search-driver", source, str(runs), "--resolution",
-         str(args.resolution), "--object-store-mb", str(args.object_store_mb)],
+         str(args.resolution), "--epochs", str(epochs), "--object-store-mb",
+         str(args.object_store_mb)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RESNET_HPO_CACHE": str(cache)})
     out, err = driver.communicate()
@@ -283,17 +289,22 @@ def one_search(tmp: Path, name: str, source: str, args: argparse.Namespace
 def search(args: argparse.Namespace) -> None:
     image_bytes = 3 * args.resolution**2
     count = math.ceil(2 * args.object_store_mb * MIB / image_bytes)
-    print(f"data scale --search: Ray object store {args.object_store_mb} MiB; 2 trials of 1 "
-          f"epoch, {args.resolution}px, fc only, 1 CPU each; trial workers sampled every 0.25 s",
-          flush=True)
+    generated_steps = (count - count // 10) // SEARCH_BATCH
+    digits_steps = DIGITS_TRAIN // SEARCH_BATCH
+    digits_epochs = round(generated_steps / digits_steps)
+    print(f"data scale --search: Ray object store {args.object_store_mb} MiB; 2 trials, "
+          f"{args.resolution}px, fc only, batch {SEARCH_BATCH}, 1 CPU each: 1 epoch of "
+          f"{generated_steps} steps on generated images, {digits_epochs} epochs of "
+          f"{digits_steps} steps on digits (as many steps, so the allocator's peak compares); "
+          "trial workers sampled every 0.25 s", flush=True)
     worker_anon: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="data-scale-search-") as tmp_name:
         tmp = Path(tmp_name)
         images = write_images(tmp / "images", count, args.resolution)
-        sources = {"digits": ("digits", 1797 * image_bytes),
-                   "generated": (f"imagefolder:{images}", count * image_bytes)}
-        for name, (source, data_bytes) in sources.items():
-            result, peaks, driver_pid = one_search(tmp, name, source, args)
+        sources = {"digits": ("digits", DIGITS_IMAGES * image_bytes, digits_epochs),
+                   "generated": (f"imagefolder:{images}", count * image_bytes, 1)}
+        for name, (source, data_bytes, epochs) in sources.items():
+            result, peaks, driver_pid = one_search(tmp, name, source, epochs, args)
             workers = {pid: peak for pid, peak in peaks.items() if pid != driver_pid}
             statuses = result["statuses"]
             print(f"{name}: {data_bytes / MIB:.0f} MiB decoded "
@@ -331,6 +342,7 @@ def main() -> None:
                         help="cpu: this process's CPU time, fair on a shared machine")
     parser.add_argument("--search", action="store_true")
     parser.add_argument("--object-store-mb", type=int, default=80)
+    parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--decode", metavar="ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--search-driver", nargs=2, metavar=("SOURCE", "RUNS"),
                         help=argparse.SUPPRESS)
@@ -339,7 +351,7 @@ def main() -> None:
         decode_child(Path(args.decode), args.resolution)
     elif args.search_driver:
         search_driver(args.search_driver[0], Path(args.search_driver[1]), args.resolution,
-                      args.object_store_mb)
+                      args.epochs, args.object_store_mb)
     elif args.search:
         search(args)
     else:

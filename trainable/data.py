@@ -99,8 +99,8 @@ class DecodedData:
         """The arrays, memory-mapped from this node's copy (fetched first if it has none)."""
         if not is_complete(self.directory):
             if self.run_uri is None:
-                raise UserError(f"decoded data {self.directory}: not in this node's cache; "
-                                "decode it again (load the data source)")
+                raise UserError(f"{self.directory}: the decoded data is not in this node's "
+                                "cache (was it removed?); run the command again to decode it")
             with node_lock(self.directory):
                 if not is_complete(self.directory):
                     fetch(self.run_uri, self.key, self.directory)
