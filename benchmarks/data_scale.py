@@ -15,13 +15,15 @@ the clock is this process's CPU time unless `--clock wall`. The last lines are t
 ratios the issue asks for: peak RSS at the largest N over the smallest (<= 1.3) and mapped
 over in-memory images/s (>= 0.8, the lowest over N).
 
-`--search` runs two small real searches (2 trials, 64px, fc only, 1 CPU each) in a fresh
-driver process with `ray.init(object_store_memory=...)`: one epoch on generated images whose
-decoded size is twice the object store, and as many steps on digits (several epochs: the
-allocator's peak grows with the steps). While they run it samples every process that maps
-the decoded file (/proc/PID/status and smaps) and prints the trial workers' peak anonymous
-memory (RssAnon: a private copy would land there) against the data size, with their mapping
-of the file (file-backed pages, shared by every trial of a node).
+`--search` runs a small real search (2 trials of 1 epoch, 64px, fc only, 1 CPU each) on
+generated images whose decoded size is twice the object store, in a fresh driver process
+with `ray.init(object_store_memory=...)`. While it runs it samples every process that maps
+the decoded file (/proc/PID/status and smaps) and prints the trial workers' memory and their
+mapping of the file: file-backed pages shared by the node's trials, or anonymous ones (a
+private copy). A worker's peak RssAnon varies by about 100 MiB between two trials of the
+same search (the allocator), so the data path of a trial (DeviceImages of train and val, one
+pass of batches) is then measured alone, in a fresh process each: the anonymous memory it
+adds from the mapped file, and from an in-memory copy of it (the path before).
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ NUM_CLASSES = 10
 BATCH = 256
 GENERATE_CHUNK = 1000  # images generated at once
 SEARCH_BATCH = 128
-DIGITS_IMAGES, DIGITS_TRAIN = 1797, 1295  # all, and train at the default val_fraction
 RSS_RATIO_MAX = 1.3
 MAPPED_RATIO_MIN = 0.8
 
@@ -181,7 +182,7 @@ def scale(args: argparse.Namespace) -> None:
 SEARCH_SPACE = """
 metric: val_acc
 sampler: random
-scheduler: {{name: fifo, max_epochs: {epochs}}}
+scheduler: {{name: fifo, max_epochs: 1}}
 resources: {{cpus_per_trial: 1}}
 fixed: {{resolution: {resolution}, weights: none, unfreeze_depth: 0,
         batch_size: {batch_size}, warmup_epochs: 0}}
@@ -190,8 +191,7 @@ search:
 """
 
 
-def search_driver(source: str, runs: Path, resolution: int, epochs: int,
-                  object_store_mb: int) -> None:
+def search_driver(source: str, runs: Path, resolution: int, object_store_mb: int) -> None:
     """A search driver process on its own local Ray with a small object store."""
     import logging
 
@@ -203,8 +203,7 @@ def search_driver(source: str, runs: Path, resolution: int, epochs: int,
     ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=object_store_mb * MIB,
              include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     space = runs / "space.yaml"
-    space.write_text(SEARCH_SPACE.format(resolution=resolution, epochs=epochs,
-                                         batch_size=SEARCH_BATCH))
+    space.write_text(SEARCH_SPACE.format(resolution=resolution, batch_size=SEARCH_BATCH))
     start = time.perf_counter()
     main(["search", "--space", str(space), "--data", source, "--trials", "2", "--storage",
           str(runs), "--name", "scale"])
@@ -266,16 +265,15 @@ class MapSampler(threading.Thread):
                     peak[key] = max(peak.get(key, 0), value)
 
 
-def one_search(tmp: Path, name: str, source: str, epochs: int, args: argparse.Namespace
+def one_search(tmp: Path, source: str, args: argparse.Namespace
                ) -> tuple[dict[str, Any], dict[int, dict[str, int]], int]:
-    cache, runs = tmp / f"cache-{name}", tmp / f"runs-{name}"
+    cache, runs = tmp / "cache", tmp / "runs"
     runs.mkdir()
     sampler = MapSampler(cache / "decoded")
     sampler.start()
     driver = subprocess.Popen(
         [sys.executable, __file__, "--search-driver", source, str(runs), "--resolution",
-         str(args.resolution), "--epochs", str(epochs), "--object-store-mb",
-         str(args.object_store_mb)],
+         str(args.resolution), "--object-store-mb", str(args.object_store_mb)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RESNET_HPO_CACHE": str(cache)})
     out, err = driver.communicate()
@@ -286,50 +284,70 @@ def one_search(tmp: Path, name: str, source: str, epochs: int, args: argparse.Na
     return dict(json.loads(out.strip().splitlines()[-1])), sampler.peaks, driver.pid
 
 
+def data_path_child(key: str, mode: str) -> None:
+    """RssAnon and RssFile before and after the data path of `fit` (DeviceImages of train
+    and val, one pass of batches over each), from the mapped file or an in-memory copy."""
+    before = proc_status(os.getpid())
+    data = DecodedData(key).open()
+    splits = [data.train, data.val]
+    if mode == "memory":
+        splits = [Split(np.array(split.images), np.array(split.labels)) for split in splits]
+    for split in splits:
+        images = DeviceImages(split, torch.device("cpu"))
+        steps = len(images) // SEARCH_BATCH
+        for uint8, _ in images.batches(torch.randperm(len(images))[:steps * SEARCH_BATCH]
+                                       .view(steps, SEARCH_BATCH)):
+            uint8.float().div_(255)
+    after = proc_status(os.getpid())
+    print(json.dumps({f"{k}_{when}": v for when, status in (("before", before),
+                                                             ("after", after))
+                      for k, v in status.items()}))
+
+
 def search(args: argparse.Namespace) -> None:
     image_bytes = 3 * args.resolution**2
     count = math.ceil(2 * args.object_store_mb * MIB / image_bytes)
-    generated_steps = (count - count // 10) // SEARCH_BATCH
-    digits_steps = DIGITS_TRAIN // SEARCH_BATCH
-    digits_epochs = round(generated_steps / digits_steps)
-    print(f"data scale --search: Ray object store {args.object_store_mb} MiB; 2 trials, "
-          f"{args.resolution}px, fc only, batch {SEARCH_BATCH}, 1 CPU each: 1 epoch of "
-          f"{generated_steps} steps on generated images, {digits_epochs} epochs of "
-          f"{digits_steps} steps on digits (as many steps, so the allocator's peak compares); "
-          "trial workers sampled every 0.25 s", flush=True)
-    worker_anon: dict[str, int] = {}
+    data_mib = count * image_bytes / MIB
+    print(f"data scale --search: Ray object store {args.object_store_mb} MiB; {count} generated "
+          f"images at {args.resolution}px = {data_mib:.0f} MiB decoded "
+          f"({data_mib / args.object_store_mb:.1f}x the object store); 2 trials of 1 epoch, fc "
+          f"only, batch {SEARCH_BATCH}, 1 CPU each; processes mapping the data sampled every "
+          "0.25 s", flush=True)
     with tempfile.TemporaryDirectory(prefix="data-scale-search-") as tmp_name:
         tmp = Path(tmp_name)
         images = write_images(tmp / "images", count, args.resolution)
-        sources = {"digits": ("digits", DIGITS_IMAGES * image_bytes, digits_epochs),
-                   "generated": (f"imagefolder:{images}", count * image_bytes, 1)}
-        for name, (source, data_bytes, epochs) in sources.items():
-            result, peaks, driver_pid = one_search(tmp, name, source, epochs, args)
-            workers = {pid: peak for pid, peak in peaks.items() if pid != driver_pid}
-            statuses = result["statuses"]
-            print(f"{name}: {data_bytes / MIB:.0f} MiB decoded "
-                  f"({data_bytes / (args.object_store_mb * MIB):.1f}x the object store); "
-                  f"search {result['seconds']:.0f} s, trials {statuses}; driver peak RSS "
-                  f"{result['peak_rss_mib']:.0f} MiB", flush=True)
-            driver = peaks.get(driver_pid, {})
-            print(f"  driver's map of {IMAGES_FILE}: Rss {driver.get('map_Rss', 0) / 1024:.1f} "
-                  "MiB (it never reads the pixels)")
-            for pid, peak in sorted(workers.items()):
-                print(f"  trial worker {pid}: peak VmRSS {peak['VmRSS'] / 1024:.0f} MiB = "
-                      f"RssAnon {peak['RssAnon'] / 1024:.0f} + RssFile "
-                      f"{peak['RssFile'] / 1024:.0f} + RssShmem {peak['RssShmem'] / 1024:.0f}; "
-                      f"its map of {IMAGES_FILE}: Rss {peak['map_Rss'] / 1024:.0f} MiB, "
-                      f"Anonymous {peak['map_Anonymous']} KiB, Private_Dirty "
-                      f"{peak['map_Private_Dirty']} KiB")
-            if not workers:
-                raise SystemExit(f"{name}: no trial worker was seen mapping the data")
-            if set(statuses) != {"TERMINATED"}:
-                raise SystemExit(f"{name}: the search did not finish every trial")
-            worker_anon[name] = max(peak["RssAnon"] for peak in workers.values())
-        grown = (worker_anon["generated"] - worker_anon["digits"]) / 1024
-        extra = (sources["generated"][1] - sources["digits"][1]) / MIB
-    print(f"trial workers' peak RssAnon, generated - digits: {grown:+.0f} MiB for {extra:.0f} "
-          f"MiB more data: {grown / extra:.2f} of the data (a private copy would be >= 1)")
+        result, peaks, driver_pid = one_search(tmp, f"imagefolder:{images}", args)
+        workers = {pid: peak for pid, peak in peaks.items() if pid != driver_pid}
+        print(f"search: {result['seconds']:.0f} s, trials {result['statuses']}; driver peak RSS "
+              f"{result['peak_rss_mib']:.0f} MiB, its map of {IMAGES_FILE}: Rss "
+              f"{peaks.get(driver_pid, {}).get('map_Rss', 0) / 1024:.1f} MiB (it never reads "
+              "the pixels)", flush=True)
+        for pid, peak in sorted(workers.items()):
+            print(f"  trial worker {pid}: peak VmRSS {peak['VmRSS'] / 1024:.0f} MiB = RssAnon "
+                  f"{peak['RssAnon'] / 1024:.0f} + RssFile {peak['RssFile'] / 1024:.0f} + "
+                  f"RssShmem {peak['RssShmem'] / 1024:.0f}; its map of {IMAGES_FILE}: Rss "
+                  f"{peak['map_Rss'] / 1024:.0f} MiB, Anonymous {peak['map_Anonymous']} KiB, "
+                  f"Private_Dirty {peak['map_Private_Dirty']} KiB")
+        if not workers:
+            raise SystemExit("no trial worker was seen mapping the data")
+        if set(result["statuses"]) != {"TERMINATED"}:
+            raise SystemExit("the search did not finish every trial")
+        [key] = [p.name for p in (tmp / "runs" / "scale" / "data").iterdir()]
+        grown = {}
+        for mode in ("mapped", "memory"):
+            child = run_child("--data-path", key, mode,
+                              env={"RESNET_HPO_CACHE": str(tmp / "cache")})
+            grown[mode] = {k: (child[f"{k}_after"] - child[f"{k}_before"]) / 1024
+                           for k in ("RssAnon", "RssFile")}
+    print(f"the trial's data path alone (DeviceImages of train and val, one pass of batches), "
+          f"{data_mib:.0f} MiB of data: from the mapped file RssAnon "
+          f"{grown['mapped']['RssAnon']:+.0f} MiB, RssFile {grown['mapped']['RssFile']:+.0f} "
+          f"MiB; from an in-memory copy (the path before) RssAnon "
+          f"{grown['memory']['RssAnon']:+.0f} MiB")
+    print(f"private copy in the trial workers: none (their map of {IMAGES_FILE} is file-backed "
+          f"pages, Anonymous {max(p['map_Anonymous'] for p in workers.values())} KiB; the data "
+          f"path adds {grown['mapped']['RssAnon'] / data_mib:.2f} of the data's size in "
+          f"anonymous memory, a copy {grown['memory']['RssAnon'] / data_mib:.2f})")
 
 
 def main() -> None:
@@ -342,7 +360,7 @@ def main() -> None:
                         help="cpu: this process's CPU time, fair on a shared machine")
     parser.add_argument("--search", action="store_true")
     parser.add_argument("--object-store-mb", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--data-path", nargs=2, metavar=("KEY", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--decode", metavar="ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--search-driver", nargs=2, metavar=("SOURCE", "RUNS"),
                         help=argparse.SUPPRESS)
@@ -351,7 +369,9 @@ def main() -> None:
         decode_child(Path(args.decode), args.resolution)
     elif args.search_driver:
         search_driver(args.search_driver[0], Path(args.search_driver[1]), args.resolution,
-                      args.epochs, args.object_store_mb)
+                      args.object_store_mb)
+    elif args.data_path:
+        data_path_child(*args.data_path)
     elif args.search:
         search(args)
     else:
