@@ -344,10 +344,11 @@ def search(args: argparse.Namespace) -> None:
           f"{grown['mapped']['RssAnon']:+.0f} MiB, RssFile {grown['mapped']['RssFile']:+.0f} "
           f"MiB; from an in-memory copy (the path before) RssAnon "
           f"{grown['memory']['RssAnon']:+.0f} MiB")
-    print(f"private copy in the trial workers: none (their map of {IMAGES_FILE} is file-backed "
-          f"pages, Anonymous {max(p['map_Anonymous'] for p in workers.values())} KiB; the data "
-          f"path adds {grown['mapped']['RssAnon'] / data_mib:.2f} of the data's size in "
-          f"anonymous memory, a copy {grown['memory']['RssAnon'] / data_mib:.2f})")
+    private = max(p["map_Anonymous"] + p["map_Private_Dirty"] for p in workers.values())
+    print(f"trial workers' private pages of {IMAGES_FILE}: {private} KiB (its pages are the "
+          f"page cache's); anonymous memory of the data path: "
+          f"{grown['mapped']['RssAnon']:+.0f} MiB mapped, {grown['memory']['RssAnon']:+.0f} MiB "
+          f"with a copy, for {data_mib:.0f} MiB of data")
 
 
 def main() -> None:
