@@ -230,13 +230,13 @@ def our_data_path(data: Dataset, args: argparse.Namespace, device: torch.device,
     rates = []
     for _ in range(epochs):
         clock.start()
-        order = torch.randperm(len(images)).to(images.index_device)
-        for step in range(len(images) // bs):
-            uint8, labels = images.batch(order[step * bs:(step + 1) * bs])
+        steps = len(images) // bs
+        order = torch.randperm(len(images)).to(images.index_device)[:steps * bs]
+        for uint8, labels in images.batches(order.view(steps, bs)):
             x = crop_and_flip(rt.prepare(uint8), crop, hflip, generator)
             x, _ = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
                        cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
-        rates.append(len(images) // bs * bs / clock.seconds())
+        rates.append(steps * bs / clock.seconds())
     return Measurement(rates[1:], peak_memory_gib(device),
                        f"  (upload to {device.type} {upload_s:.2f} s, not timed)")
 

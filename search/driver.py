@@ -1,8 +1,9 @@
 """`resnet-hpo search`: a space file becomes an OptunaSearch + ASHA run on Ray Tune.
 
 Everything the user gave is checked (space, data, resources, run name) before a trial
-starts; the dataset is decoded once here, at the largest resolution the space allows, and
-shared with every trial through Ray's object store.
+starts; the dataset is decoded once here, at the largest resolution the space allows, into
+a file which every trial memory-maps: the trials of this node from the cache, those of other
+nodes from a copy in the run's storage (RUN/data/KEY) that each node fetches once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from search.study_search import StudySearch
 from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
 from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace, load_space, parse_space
-from trainable.data import Dataset, load_dataset
+from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -184,7 +185,7 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def build_trainable(request: SearchRequest, data: Dataset) -> Any:
+def build_trainable(request: SearchRequest, data: DecodedData) -> Any:
     from ray import tune
 
     from trainable.tune_adapter import train_trial
@@ -194,7 +195,8 @@ def build_trainable(request: SearchRequest, data: Dataset) -> Any:
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
-def build_tuner(request: SearchRequest, data: Dataset, concurrent: int, searcher: Any) -> Any:
+def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, searcher: Any
+                ) -> Any:
     from ray import tune
 
     from search.progress import ProgressPrinter
@@ -267,7 +269,8 @@ def run_search(request: SearchRequest) -> None:
     run = RunDir.open(request.run_uri)
     warm_start = check_run(run, request)
     cfg = request.space.config({})
-    data = load_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
+    decoded = decode_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
+    data = decoded.open()
     print(data.summary(), flush=True)
     start_ray(request.address)
     fits = check_resources(request)
@@ -287,17 +290,19 @@ def run_search(request: SearchRequest) -> None:
         if journal_path(run).exists():
             close_orphans(open_study(open_storage(run), request.space),
                           saved_trial_ids(run))
-        tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
-                                   resume_unfinished=True, resume_errored=True)
+        trainable = build_trainable(request, decoded.published(run.uri))
+        tuner = tune.Tuner.restore(run.uri, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
         print(f"resuming {run.uri}", flush=True)
     else:
-        tuner = new_tuner(run, request, data, warm_start, request.max_concurrent or fits)
+        tuner = new_tuner(run, request, data, decoded.published(run.uri), warm_start,
+                          request.max_concurrent or fits)
     tuner.fit()
     print_summary(run)
 
 
-def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, warm_start: WarmStart | None,
-              concurrent: int) -> Any:
+def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, shared: DecodedData,
+              warm_start: WarmStart | None, concurrent: int) -> Any:
     """A Tuner for a new search, or for the trials --add-trials adds, with the run's study:
     the sampler is conditioned on every trial already in it."""
     from trainable.tune_adapter import objective_name
@@ -337,7 +342,7 @@ def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, warm_start: Wa
     searcher = StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
                            mode=space.mode, storage=storage, study_name=STUDY_NAME,
                            sampler=make_sampler(space.sampler, request.seed + earlier, total))
-    return build_tuner(request, data, concurrent, searcher)
+    return build_tuner(request, shared, concurrent, searcher)
 
 
 def print_summary(run: RunDir) -> None:

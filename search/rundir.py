@@ -10,6 +10,8 @@
                      `resnet-hpo ensemble`)
     best.yaml        the best trial's full TrainConfig, written by `resnet-hpo best`
     ensemble.json    the last ensemble evaluated by `resnet-hpo ensemble`
+    data/KEY/        the decoded images every trial maps (trainable.data_file), published by
+                     the driver, fetched once by each other node
 """
 
 from __future__ import annotations

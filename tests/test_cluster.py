@@ -1,6 +1,8 @@
 """A real multi-node Ray cluster on this machine: a head that runs no trials and worker
-nodes that each declare one GPU. Trials spread over the nodes, every result lands in the one
-run directory, and a worker lost mid-search costs no epoch and duplicates none."""
+nodes that each declare one GPU and have a cache of their own, as separate machines would.
+Trials spread over the nodes, each node gets the decoded data through the run's storage,
+every result lands in the one run directory, and a worker lost mid-search costs no epoch
+and duplicates none."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,15 +19,23 @@ from ray.cluster_utils import Cluster
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE
 from tests.conftest import checkpoint_rows, search_space_file, stopped
+from trainable import TrainConfig
+from trainable.data import decode_dataset
+from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def add_worker(cluster: Cluster, cache: Path) -> Any:
+    """A worker node whose processes use `cache` as RESNET_HPO_CACHE, not the driver's."""
+    return cluster.add_node(num_cpus=1, num_gpus=1, env_vars={"RESNET_HPO_CACHE": str(cache)})
+
+
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, num_gpus=1)
+    for i in range(2):
+        add_worker(cluster, tmp_path / f"node-{i}-cache")
     yield cluster
     cluster.shutdown()
 
@@ -54,11 +65,19 @@ def test_trials_spread_over_worker_nodes_and_results_share_one_run_dir(
     for row in trials.itertuples():
         assert Path(row.checkpoint_path).is_relative_to(run)
         assert (run / "tensorboard" / row.trial_id).is_dir()
+    # Trials never decode: each node's copy came from the run's storage (linked, as the
+    # run and the caches share a filesystem here), which holds the driver's decode.
+    decoded = decode_dataset("digits", 8, TrainConfig().val_fraction)
+    stored = run / RUN_DATA_DIR / decoded.key / IMAGES_FILE
+    assert stored.samefile(decoded.directory / IMAGES_FILE)
+    for i in range(2):
+        assert (tmp_path / f"node-{i}-cache" / "decoded" / decoded.key / IMAGES_FILE).samefile(
+            stored)
 
 
 def test_a_lost_worker_node_costs_no_epoch(tmp_path: Path, cluster: Cluster) -> None:
     epochs = 6
-    spare = cluster.add_node(num_cpus=1, num_gpus=1)
+    spare = add_worker(cluster, tmp_path / "spare-cache")
     driver = start_search(tmp_path, cluster, "--trials", "2", "--gpus-per-trial", "1",
                           "--cpus-per-trial", "1", "--max-concurrent", "2", epochs=epochs)
     run = tmp_path / "runs" / "mn"

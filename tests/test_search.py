@@ -18,6 +18,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
+import search.driver as driver
 from search.cli import main
 from search.driver import check_resources, make_sampler, request_from_args
 from search.ensemble import ensemble_command
@@ -27,6 +28,8 @@ from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
 from tests.conftest import search_space_file
 from trainable import TrainConfig, load_dataset
+from trainable.data import DecodedData, decode_dataset
+from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
 from trainable.errors import UserError
 from trainable.model import ImageClassifier
 from trainable.saved import load_checkpoint_dir, load_classifier, load_ensemble_dir
@@ -42,11 +45,25 @@ def search(tmp_path: Path, *flags: str) -> Path:
 
 @pytest.mark.slow
 def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
-        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    given: list[object] = []
+    build = driver.build_trainable
+
+    def recording_build(request: driver.SearchRequest, data: DecodedData) -> object:
+        given.append(data)
+        return build(request, data)
+
+    monkeypatch.setattr(driver, "build_trainable", recording_build)
     space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
     run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "6",
                  "--cpus-per-trial", "1")
     out = capsys.readouterr().out
+    # Trials get where the decoded file is, not the arrays; the run holds it (a hard link).
+    decoded = decode_dataset("digits", 8, TrainConfig().val_fraction)
+    assert given == [DecodedData(decoded.key, str(run))]
+    assert (run / RUN_DATA_DIR / decoded.key / IMAGES_FILE).samefile(
+        decoded.directory / IMAGES_FILE)
     assert "best trial" in out and f"run directory: {run}" in out
 
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
@@ -335,7 +352,7 @@ def test_a_bad_space_file_is_refused_before_ray_starts_or_data_is_read(
 
     monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
     monkeypatch.setattr(ray, "init", never("start or join Ray"))
-    monkeypatch.setattr("search.driver.load_dataset", never("decode the data"))
+    monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
     space = tmp_path / "space.yaml"
     space.write_text(f"fixed: {{weights: none}}\n{lines}\n")
     err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits",

@@ -1,31 +1,53 @@
-"""Data sources, decoded once into uint8 arrays at a fixed resolution.
+"""Data sources, decoded once per node into one file of uint8 images at a fixed resolution.
 
-A `Dataset` is a plain bundle of numpy arrays (images N x 3 x R x R uint8, int64 labels)
-and class names. A search decodes it once in the driver and shares it with every trial
-through Ray's object store, where numpy arrays are read zero-copy, so trials never decode
-images. Augmentation happens later, batched on the training device (`trainable.augment`).
+`decode_dataset` decodes a source (in parallel over this machine's cores, a chunk at a time)
+into a file in the cache (`trainable.data_file`) and returns a `DecodedData`: a small handle
+that a search gives every trial. `open()` memory-maps the file as a `Dataset` of numpy arrays
+(images N x 3 x R x R uint8, int64 labels), so the trials of a node share the OS page cache
+and no process holds a private copy; a node without the file fetches it once from the run's
+storage. Augmentation happens later, batched on the training device (`trainable.augment`).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tarfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainable.data_file import (
+    DecodedWriter,
+    fetch,
+    is_complete,
+    node_lock,
+    publish,
+    read_decoded,
+    read_meta,
+)
 from trainable.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                     ".pgm", ".pbm"}
 SPLIT_SEED = 0  # one fixed split per source, so every trial of a search sees the same val set
 DIGITS_TEST_FRACTION = 0.2
+CACHE_FORMAT = "v3"  # part of every key: a new layout never reads an old one
+CHUNK_BYTES = 16 * 2**20  # decoded images resized together (arrays)
+IN_FLIGHT_PER_WORKER = 4  # files decoded ahead of the writer, per thread
+CACHE_WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
+
+T = TypeVar("T")
+U = TypeVar("U")
 
 
 @dataclass
@@ -61,8 +83,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RESNET_HPO_CACHE", Path.home() / ".cache" / "resnet-hpo"))
 
 
+@dataclass(frozen=True)
+class DecodedData:
+    """Where a decoded dataset is: this node's cache, and for a search the run's storage
+    (RUN/data/KEY), from which a node without it fetches it once. Small and picklable: what
+    a search gives every trial instead of the arrays."""
+    key: str
+    run_uri: str | None = None
+
+    @property
+    def directory(self) -> Path:
+        return cache_dir() / "decoded" / self.key
+
+    def open(self) -> Dataset:
+        """The arrays, memory-mapped from this node's copy (fetched first if it has none)."""
+        if not is_complete(self.directory):
+            if self.run_uri is None:
+                raise UserError(f"{self.directory}: the decoded data is not in this node's "
+                                "cache (was it removed?); run the command again to decode it")
+            with node_lock(self.directory):
+                if not is_complete(self.directory):
+                    fetch(self.run_uri, self.key, self.directory)
+        meta, images, labels = read_decoded(self.directory)
+        splits = {name: Split(images[start:stop], labels[start:stop])
+                  for name, (start, stop) in meta["splits"].items()}
+        return Dataset(meta["source"], meta["resolution"], meta["class_names"],
+                       splits["train"], splits["val"], splits.get("test"))
+
+    def published(self, run_uri: str) -> DecodedData:
+        """The same data, also in the run's storage for the trials of other nodes."""
+        publish(self.directory, run_uri, self.key)
+        return replace(self, run_uri=run_uri)
+
+
 def load_dataset(source: str, resolution: int, val_fraction: float) -> Dataset:
-    """Decode a source (digits, cifar10[:ROOT], cifar100[:ROOT], imagefolder:PATH)."""
+    """The source's splits, decoded into this node's cache if they are not there yet."""
+    return decode_dataset(source, resolution, val_fraction).open()
+
+
+def decode_dataset(source: str, resolution: int, val_fraction: float) -> DecodedData:
+    """Decode a source (digits, cifar10[:ROOT], cifar100[:ROOT], imagefolder:PATH) into this
+    node's cache, unless an earlier decode of the same files is there."""
     kind, _, arg = source.partition(":")
     if kind == "digits" and not arg:
         return _digits(resolution, val_fraction)
@@ -79,6 +140,29 @@ def load_dataset(source: str, resolution: int, val_fraction: float) -> Dataset:
                     "imagefolder:PATH")
 
 
+def _cache_key(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, (CACHE_FORMAT, *parts))).encode()).hexdigest()[:24]
+
+
+def _decoded(key: str, write: Callable[[Path], None]) -> DecodedData:
+    """The handle of `key`, after `write(directory)` made it if this node has none; one
+    process per node writes, the others wait and find it written."""
+    decoded = DecodedData(key)
+    if is_complete(decoded.directory):
+        return decoded
+    try:
+        with node_lock(decoded.directory):
+            if not is_complete(decoded.directory):
+                write(decoded.directory)
+    except OSError as e:
+        cache = cache_dir()
+        if e.errno in CACHE_WRITE_ERRORS or Path(e.filename or "/").is_relative_to(cache):
+            raise UserError(f"{cache}: cannot write the decoded data there ({e.strerror}); "
+                            "free some space or set RESNET_HPO_CACHE to another folder") from None
+        raise
+    return decoded
+
+
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
                                                                               np.ndarray]:
     """Indices (kept, held_out): `fraction` of every class held out, at least one image of
@@ -93,13 +177,11 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
-def _take(split: Split, idx: np.ndarray) -> Split:
-    return Split(split.images[idx], split.labels[idx])
-
-
-def _split_off_val(pool: Split, val_fraction: float) -> tuple[Split, Split]:
-    train_idx, val_idx = stratified_split(pool.labels, val_fraction, SPLIT_SEED)
-    return _take(pool, train_idx), _take(pool, val_idx)
+def _split_off_val(indices: np.ndarray, labels: np.ndarray,
+                   val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """`indices` (into `labels`) split into (train, val), stratified by class."""
+    train, val = stratified_split(labels[indices], val_fraction, SPLIT_SEED)
+    return indices[train], indices[val]
 
 
 def resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -115,75 +197,136 @@ def resize_square(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return images.contiguous()
 
 
-def _resize_array(images: np.ndarray, resolution: int) -> np.ndarray:
-    return resize_square(torch.from_numpy(images), resolution).numpy()
+def _write_arrays(directory: Path, source: str, resolution: int, class_names: list[str],
+                  splits: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Decoded arrays in memory (split -> (images N x 3 x H x W uint8, labels, the indices
+    of the split's rows)), resized a chunk at a time into a decoded directory."""
+    rows = max(1, CHUNK_BYTES // (3 * resolution**2))
+    with DecodedWriter(directory, sum(len(idx) for *_, idx in splits.values()), resolution,
+                       source) as writer:
+        for name, (images, labels, indices) in splits.items():
+            writer.start_split(name)
+            for start in range(0, len(indices), rows):
+                chunk = indices[start:start + rows]
+                writer.append(resize_square(torch.from_numpy(np.ascontiguousarray(
+                    images[chunk])), resolution).numpy(), labels[chunk])
+        writer.finish(class_names)
 
 
-def _digits(resolution: int, val_fraction: float) -> Dataset:
-    from sklearn.datasets import load_digits
+def _digits(resolution: int, val_fraction: float) -> DecodedData:
+    def write(directory: Path) -> None:
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    gray = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 8x8, values 0..16
-    images = _resize_array(np.repeat(gray[:, None], 3, axis=1), resolution)
-    pool = Split(images, digits.target.astype(np.int64))
-    trainval_idx, test_idx = stratified_split(pool.labels, DIGITS_TEST_FRACTION, SPLIT_SEED)
-    train, val = _split_off_val(_take(pool, trainval_idx), val_fraction)
-    return Dataset("digits", resolution, [str(d) for d in range(10)], train, val,
-                   _take(pool, test_idx))
+        digits = load_digits()
+        grey = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 8x8, values 0..16
+        images = np.repeat(grey[:, None], 3, axis=1)
+        labels = digits.target.astype(np.int64)
+        trainval, test = stratified_split(labels, DIGITS_TEST_FRACTION, SPLIT_SEED)
+        train, val = _split_off_val(trainval, labels, val_fraction)
+        _write_arrays(directory, "digits", resolution, [str(d) for d in range(10)],
+                      {name: (images, labels, idx)
+                       for name, idx in (("train", train), ("val", val), ("test", test))})
+
+    return _decoded(_cache_key("digits", resolution, val_fraction), write)
 
 
 _CIFAR_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 
 
-def _cifar(kind: str, root: Path, resolution: int, val_fraction: float) -> Dataset:
+def _cifar(kind: str, root: Path, resolution: int, val_fraction: float) -> DecodedData:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
-    try:
-        train_set, test_set = cls(str(root), train=True), cls(str(root), train=False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+
+    def write(directory: Path) -> None:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                train_set = cls(str(root), train=True, download=True)
-                test_set = cls(str(root), train=False)
-        except (OSError, RuntimeError, tarfile.TarError) as e:
-            raise UserError(
-                f"{kind}: no local copy under {root} and the download failed ({e}); put "
-                f"{_CIFAR_ARCHIVES[kind]} or its extracted folder {cls.base_folder} in {root} "
-                f"and use --data {kind}:{root}") from None
+            train_set, test_set = cls(str(root), train=True), cls(str(root), train=False)
+        except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    train_set = cls(str(root), train=True, download=True)
+                    test_set = cls(str(root), train=False)
+            except (OSError, RuntimeError, tarfile.TarError) as e:
+                raise UserError(
+                    f"{kind}: no local copy under {root} and the download failed ({e}); put "
+                    f"{_CIFAR_ARCHIVES[kind]} or its extracted folder {cls.base_folder} in "
+                    f"{root} and use --data {kind}:{root}") from None
 
-    def to_split(ds: datasets.CIFAR10) -> Split:
-        images = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
-        return Split(_resize_array(images, resolution), np.asarray(ds.targets, dtype=np.int64))
+        def arrays(ds: datasets.CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+            return ds.data.transpose(0, 3, 1, 2), np.asarray(ds.targets, dtype=np.int64)
 
-    train, val = _split_off_val(to_split(train_set), val_fraction)
-    return Dataset(kind, resolution, list(train_set.classes), train, val, to_split(test_set))
+        (train_images, train_labels), (test_images, test_labels) = (
+            arrays(train_set), arrays(test_set))
+        train, val = _split_off_val(np.arange(len(train_labels)), train_labels, val_fraction)
+        _write_arrays(directory, kind, resolution, list(train_set.classes), {
+            "train": (train_images, train_labels, train),
+            "val": (train_images, train_labels, val),
+            "test": (test_images, test_labels, np.arange(len(test_labels)))})
+
+    return _decoded(_cache_key(kind, root.resolve(), resolution, val_fraction), write)
 
 
 # --- imagefolder --------------------------------------------------------------------------
 
-def _imagefolder(root: Path, resolution: int, val_fraction: float) -> Dataset:
+@dataclass
+class _Files:
+    """Image files of one split, with their labels and the folder they were listed from."""
+    folder: Path
+    paths: list[Path]
+    labels: np.ndarray
+
+    def take(self, idx: np.ndarray) -> _Files:
+        return _Files(self.folder, [self.paths[i] for i in idx], self.labels[idx])
+
+
+def _imagefolder(root: Path, resolution: int, val_fraction: float) -> DecodedData:
     if not root.is_dir():
         raise UserError(f"imagefolder:{root}: no such folder; expected one sub-folder of "
                         "images per class (or train/, val/, test/ folders of those)")
     split_dirs = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
     train_root = split_dirs.get("train", root)
     class_names = _class_names(train_root)
-    skipped: list[Path] = []
-    pools = {name: _decode_folder(path, class_names, resolution, skipped)
-             for name, path in split_dirs.items()} or {
-        "train": _decode_folder(root, class_names, resolution, skipped)}
-    if skipped:
-        shown = ", ".join(str(p.relative_to(root)) for p in skipped[:3])
-        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        warnings.warn(f"imagefolder:{root}: skipped {len(skipped)} unreadable or non-image "
-                      f"files ({shown}{more})", stacklevel=2)
-    if "val" in pools:
-        train, val = pools["train"], pools["val"]
-    else:
-        train, val = _split_off_val(pools["train"], val_fraction)
-    return Dataset(f"imagefolder:{root}", resolution, class_names, train, val, pools.get("test"))
+    skipped: list[Path] = []  # files that are no images; those that fail to decode follow
+    splits = {name: _list_folder(path, class_names, skipped)
+              for name, path in split_dirs.items()} or {
+        "train": _list_folder(root, class_names, skipped)}
+    key_parts: list[object] = [f"imagefolder:{root.resolve()}", resolution]
+    if "val" not in splits:
+        train, val = _split_off_val(np.arange(len(splits["train"].labels)),
+                                    splits["train"].labels, val_fraction)
+        splits = {"train": splits["train"].take(train), "val": splits["train"].take(val),
+                  **{k: v for k, v in splits.items() if k != "train"}}
+        key_parts.append(val_fraction)  # the split depends on it; given folders do not
+    for name, files in splits.items():
+        key_parts.append(name)
+        for p in files.paths:
+            st = p.stat()
+            key_parts.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    source = f"imagefolder:{root}"
+
+    def write(directory: Path) -> None:
+        readable: dict[Path, np.ndarray] = {}  # class folder's parent -> readable per class
+        with DecodedWriter(directory, sum(len(f.paths) for f in splits.values()), resolution,
+                           source) as writer:
+            for name, files in splits.items():
+                writer.start_split(name)
+                counts = _decode_files(writer, files, resolution, root, len(class_names))
+                readable[files.folder] = readable.get(files.folder, 0 * counts) + counts
+            for folder, counts in readable.items():
+                for label in np.flatnonzero(counts == 0):
+                    raise UserError(f"imagefolder: class folder {folder / class_names[label]} "
+                                    "has no readable images")
+            writer.finish(class_names)
+
+    decoded = _decoded(_cache_key(*key_parts), write)
+    shown = [str(p.relative_to(root)) for p in skipped] + read_meta(decoded.directory)[
+        "unreadable"]
+    if shown:
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        warnings.warn(f"imagefolder:{root}: skipped {len(shown)} unreadable or non-image "
+                      f"files ({', '.join(shown[:3])}{more})", stacklevel=3)
+    return decoded
 
 
 def _class_names(folder: Path) -> list[str]:
@@ -195,9 +338,8 @@ def _class_names(folder: Path) -> list[str]:
     return names
 
 
-def _decode_folder(folder: Path, class_names: list[str], resolution: int,
-                   skipped: list[Path]) -> Split:
-    files: list[Path] = []
+def _list_folder(folder: Path, class_names: list[str], skipped: list[Path]) -> _Files:
+    paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
         class_dir = folder / name
@@ -209,39 +351,38 @@ def _decode_folder(folder: Path, class_names: list[str], resolution: int,
         if not images:
             raise UserError(f"imagefolder: class folder {class_dir} has no images (looked for "
                             f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
-        files += images
+        paths += images
         labels += [label] * len(images)
-    cached = _cache_path(files, resolution)
-    if cached.exists():
-        with np.load(cached) as saved:
-            skipped.extend(Path(p) for p in saved["unreadable"])
-            return Split(saved["images"], saved["labels"])
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(lambda p: decode_image(p, resolution), files))
-    readable = [(image, label) for image, label in zip(decoded, labels, strict=True)
-                if image is not None]
-    unreadable = [path for path, image in zip(files, decoded, strict=True) if image is None]
-    skipped.extend(unreadable)
-    for label, name in enumerate(class_names):
-        if not any(readable_label == label for _, readable_label in readable):
-            raise UserError(f"imagefolder: class folder {folder / name} has no readable images")
-    split = Split(np.stack([image for image, _ in readable]),
-                  np.asarray([label for _, label in readable], dtype=np.int64))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez(tmp, images=split.images, labels=split.labels,
-             unreadable=np.array([str(p) for p in unreadable], dtype=str))
-    tmp.replace(cached)
-    return split
+    return _Files(folder, paths, np.asarray(labels, dtype=np.int64))
 
 
-def _cache_path(files: list[Path], resolution: int) -> Path:
-    """Decoded arrays are keyed by resolution and every file's path, size and mtime."""
-    digest = hashlib.sha256(f"v2 {resolution}".encode())
-    for p in files:
-        st = p.stat()
-        digest.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return cache_dir() / "decoded" / f"{digest.hexdigest()[:24]}.npz"
+def _decode_files(writer: DecodedWriter, files: _Files, resolution: int, root: Path,
+                  num_classes: int) -> np.ndarray:
+    """Decode into the writer in parallel, in order; returns the readable images per class."""
+    readable = np.zeros(num_classes, dtype=np.int64)
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = _in_order(pool, lambda p: decode_image(p, resolution), files.paths,
+                            IN_FLIGHT_PER_WORKER * workers)
+        for path, label, image in zip(files.paths, files.labels, decoded, strict=True):
+            if image is None:
+                writer.skip(str(path.relative_to(root)))
+            else:
+                writer.append(image[None], label[None])
+                readable[label] += 1
+    return readable
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable[[T], U], items: Iterable[T],
+              ahead: int) -> Iterator[U]:
+    """`map` that keeps at most `ahead` results waiting, not every item's."""
+    pending: deque[Future[U]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def decode_image(path: Path, resolution: int) -> np.ndarray | None:

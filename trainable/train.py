@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +39,9 @@ from trainable.ranking import best_epoch_row, is_better, metric_mode
 from trainable.saved import read_checkpoint, write_checkpoint
 from trainable.schedule import lr_factor
 
-# A split up to this size lives on the GPU as uint8; larger ones are gathered per batch on
-# the host and copied asynchronously from pinned memory.
-DEVICE_RESIDENT_MAX_BYTES = 2 * 2**30
+# A split lives on the GPU as uint8 while it fits this share of the trial's part of the GPU's
+# memory; larger ones are gathered per batch on the host and copied asynchronously.
+DEVICE_RESIDENT_SHARE = 0.25
 NAN_CHECK_EVERY = 50  # steps between the only host syncs of an epoch
 
 SaveCheckpoint = Callable[[Path], None]
@@ -93,42 +95,110 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-class DeviceImages:
-    """A split's uint8 images, indexable by a batch of indices, landing on the device."""
+def resident_budget(device: torch.device, gpu_share: float = 1.0) -> int:
+    """Bytes of uint8 images that may live on `device`: on a GPU, DEVICE_RESIDENT_SHARE of
+    this trial's share of its memory (trials packed on one GPU each count their fraction);
+    on the CPU the images are used where they are, so anything goes."""
+    if device.type != "cuda":
+        return sys.maxsize
+    total = torch.cuda.get_device_properties(device).total_memory
+    return int(total * min(gpu_share, 1.0) * DEVICE_RESIDENT_SHARE)
 
-    def __init__(self, split: Split, device: torch.device):
-        with warnings.catch_warnings():  # arrays shared by Ray are read-only; we never write
+
+class DeviceImages:
+    """A split's uint8 images and labels, served in batches on the device.
+
+    Images up to `resident_bytes` are indexed where they land with one copy to the device
+    (on the CPU: no copy at all, the mapped file itself, whose pages the trials of a node
+    share). Larger ones stay in host memory, and a background thread gathers each batch
+    into pinned memory (reading the rows in file order) and copies it to the device on a
+    side stream while the step before it runs.
+    """
+
+    def __init__(self, split: Split, device: torch.device, resident_bytes: int | None = None):
+        with warnings.catch_warnings():  # mapped arrays are read-only; we never write
             warnings.filterwarnings("ignore", message=".*not writable.*")
             images = torch.from_numpy(split.images)
-            labels = torch.from_numpy(split.labels)
-        self.labels = labels.to(device)
-        resident = device.type == "cpu" or images.nbytes <= DEVICE_RESIDENT_MAX_BYTES
-        self.images = images.to(device) if resident else images
-        # Labels beside the images, so one index tensor gathers both without a copy.
-        self.image_labels = self.labels if resident else labels
+            self.host_labels = torch.from_numpy(np.ascontiguousarray(split.labels))
+        self.labels = self.host_labels.to(device)
         self.device = device
+        budget = resident_budget(device) if resident_bytes is None else resident_bytes
+        self.resident = images.nbytes <= budget
+        self.images = images.to(device) if self.resident else images
 
     @property
     def index_device(self) -> torch.device:
-        """Where batch indices should live: there, `batch` needs no host-device copy."""
+        """Where batch indices should live: there, `batches` needs no host-device copy."""
         return self.images.device
+
+    @property
+    def device_bytes(self) -> int:
+        """What the images take on a GPU."""
+        return self.images.nbytes if self.device.type == "cuda" and self.resident else 0
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = idx.to(self.index_device, non_blocking=True)
-        # index_select: about 30x faster than indexing with [] for a uint8 batch on the CPU.
-        images, labels = self.images.index_select(0, idx), self.image_labels.index_select(0, idx)
-        if images.device != self.device:
-            images = images.pin_memory().to(self.device, non_blocking=True)
-            labels = labels.pin_memory().to(self.device, non_blocking=True)
-        return images, labels
+    def batches(self, batch_indices: Iterable[torch.Tensor]
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) on the device for each tensor of indices, in order."""
+        if not self.resident:
+            yield from self._gathered(list(batch_indices))
+            return
+        for idx in batch_indices:
+            # index_select: about 30x faster than [] for a uint8 batch on the CPU.
+            yield self.images.index_select(0, idx), self.labels.index_select(0, idx)
+
+    def _gathered(self, batch_indices: list[torch.Tensor]
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        buffers: list[torch.Tensor | None] = [None, None]
+        copied: list[torch.cuda.Event | None] = [None, None]  # per buffer: its last copy
+
+        def gather(slot: int, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+            event = copied[slot]
+            if event is not None:
+                event.synchronize()  # the buffer's previous batch has left it
+            rows, order = idx.sort()  # file order reads each page once, ahead of the next
+            buffer = buffers[slot]
+            if buffer is None or len(buffer) < len(idx):
+                buffer = buffers[slot] = torch.empty((len(idx), *self.images.shape[1:]),
+                                                     dtype=torch.uint8, pin_memory=cuda)
+            host = buffer[:len(idx)]
+            torch.index_select(self.images, 0, rows, out=host)
+            restore = order.argsort()  # back to the batch's own order on the device
+            labels = self.host_labels.index_select(0, idx)
+            if cuda:
+                restore, labels = restore.pin_memory(), labels.pin_memory()
+            with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
+                moved = [t.to(self.device, non_blocking=True) for t in (host, restore, labels)]
+                if cuda:
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record(copy_stream)  # type: ignore[union-attr]
+            return moved[0], moved[1], moved[2]
+
+        with ThreadPoolExecutor(max_workers=1) as gatherer:
+            pending = gatherer.submit(gather, 0, batch_indices[0]) if batch_indices else None
+            for i in range(len(batch_indices)):
+                assert pending is not None
+                images, restore, labels = pending.result()
+                if i + 1 < len(batch_indices):
+                    pending = gatherer.submit(gather, (i + 1) % 2, batch_indices[i + 1])
+                if cuda:
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(copied[i % 2])  # type: ignore[arg-type]
+                    for t in (images, restore, labels):
+                        t.record_stream(compute)  # allocated on the copy stream
+                yield images.index_select(0, restore), labels
 
 
 def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None = None,
-        device: str | torch.device | None = None, resume_from: Path | None = None) -> FitResult:
-    """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch."""
+        device: str | torch.device | None = None, resume_from: Path | None = None,
+        gpu_share: float = 1.0) -> FitResult:
+    """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch.
+    `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU)."""
     rt = Runtime.for_config(cfg, device)
     if data is None:
         data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
@@ -149,7 +219,9 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
-    train, val = DeviceImages(data.train, rt.device), DeviceImages(data.val, rt.device)
+    budget = resident_budget(rt.device, gpu_share)
+    train = DeviceImages(data.train, rt.device, budget)
+    val = DeviceImages(data.val, rt.device, budget - train.device_bytes)
     result = FitResult(model)
     mode = metric_mode(cfg.metric)
     best_state = copy.deepcopy(model.state_dict())
@@ -203,10 +275,11 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     # a checkpoint continues exactly as it would have.
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
         cfg.seed * 100_003 + epoch)).to(images.index_device)  # one copy an epoch, not a step
-    device_gen = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch)
-    mix_rng = np.random.default_rng([cfg.seed, epoch])
     batch_size = min(cfg.batch_size, len(images))
     micro_batches = len(images) // batch_size  # the ragged last batch is dropped
+    batch_indices = order[:micro_batches * batch_size].view(micro_batches, batch_size)
+    device_gen = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch)
+    mix_rng = np.random.default_rng([cfg.seed, epoch])
     steps = math.ceil(micro_batches / cfg.accumulate_steps)
     warmup_steps = round(cfg.warmup_epochs * steps)
     crop = resolve_crop(cfg.crop, cfg.resolution)
@@ -214,14 +287,13 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     loss_sum = torch.zeros((), device=rt.device)
     factor = 1.0
     start = time.perf_counter()
-    for i in range(micro_batches):
+    for i, (uint8, labels) in enumerate(images.batches(batch_indices)):
         step, micro = divmod(i, cfg.accumulate_steps)
         if micro == 0:
             factor = lr_factor(epoch * steps + step, warmup_steps, cfg.epochs * steps,
                                cfg.min_lr / cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * factor
-        uint8, labels = images.batch(order[i * batch_size:(i + 1) * batch_size])
         x = crop_and_flip(rt.prepare(uint8), crop, hflip, device_gen)
         x, targets = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
                          cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
@@ -250,9 +322,8 @@ def predict_outputs(model: nn.Module, images: DeviceImages, rt: Runtime,
     the device, in the split's order, never augmented."""
     set_train_mode(model, False)
     outputs = []
-    for start in range(0, len(images), batch_size):
-        uint8, _ = images.batch(torch.arange(start, min(start + batch_size, len(images)),
-                                             device=images.index_device))
+    for uint8, _ in images.batches(torch.arange(len(images), device=images.index_device)
+                                   .split(batch_size)):
         with rt.autocast():
             outputs.append(model(rt.prepare(uint8)).float())
     return torch.cat(outputs)

@@ -19,7 +19,7 @@ import torch
 from ray import tune
 
 from trainable.config import TrainConfig
-from trainable.data import Dataset
+from trainable.data import DecodedData
 from trainable.ranking import best_epoch_row, metric_mode
 from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs, write_trial_epochs
 from trainable.train import SaveCheckpoint, TrainingDiverged, fit
@@ -29,14 +29,17 @@ def objective_name(metric: str) -> str:
     return f"best_{metric}"
 
 
-def train_trial(config: dict[str, Any], data: Dataset) -> None:
-    """A Tune function trainable; `data` arrives once per node through the object store."""
+def train_trial(config: dict[str, Any], data: DecodedData) -> None:
+    """A Tune function trainable. `data` says where the decoded file is: the trial maps this
+    node's copy, which the first trial of a node fetches from the run's storage."""
     cfg = TrainConfig.from_dict(config)
     metric, objective = cfg.metric, objective_name(cfg.metric)
     node_id = ray.get_runtime_context().get_node_id()
     # Ray hides the GPUs a trial was not given; a fake GPU (a CPU-only node that declares
     # one) has nothing behind it, so fall back to the CPU.
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    dataset = data.open()
     rows: list[dict[str, Any]] = []
     epoch_start = time.time()
 
@@ -58,12 +61,13 @@ def train_trial(config: dict[str, Any], data: Dataset) -> None:
     checkpoint = tune.get_checkpoint()
     try:
         if checkpoint is None:
-            fit(cfg, report, data=data, device=device)
+            fit(cfg, report, data=dataset, device=device, gpu_share=gpu_share)
             return
         with checkpoint.as_directory() as directory:
             path = Path(directory) / TRIAL_EPOCHS_FILE
             rows.extend(parse_trial_epochs(path.read_text(), str(path)))
-            fit(cfg, report, data=data, device=device, resume_from=Path(directory))
+            fit(cfg, report, data=dataset, device=device, gpu_share=gpu_share,
+                resume_from=Path(directory))
     except TrainingDiverged as e:
         # Report instead of raising: Tune would retry a raised error (FailureConfig), and
         # the same config diverges again. The results writer marks the trial failed.
