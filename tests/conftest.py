@@ -116,6 +116,18 @@ search:
     return path
 
 
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """What `resnet-hpo ARGV` printed when it exited with a usage error: one line."""
+    from search.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("resnet-hpo: error: "), err
+    return err
+
+
 def checkpoint_rows(run: Path) -> dict[str, list[dict[str, Any]]]:
     """trial_id -> the epoch rows in its latest checkpoint (epochs.json), read from the trial
     folders of a run directory. A trial writes its checkpoint before its report reaches the

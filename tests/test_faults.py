@@ -58,6 +58,18 @@ def space_file(tmp_path: Path, text: str) -> Path:
     return path
 
 
+def tpe_fifo_space(tmp_path: Path, epochs: int) -> Path:
+    """TPE over two keys, every trial running all its epochs: what sampler history needs."""
+    return space_file(tmp_path, f"""
+sampler: tpe
+scheduler: {{name: fifo, max_epochs: {epochs}}}
+fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
+search:
+  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
+  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
+""")
+
+
 def started_lines(out: str) -> dict[str, int]:
     """How often the progress printer said each trial started (once per attempt)."""
     counts: dict[str, int] = {}
@@ -297,14 +309,7 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
     from search.cli import main
 
     n_trials, epochs, concurrent = 16, 3, 2
-    space = space_file(tmp_path, f"""
-sampler: tpe
-scheduler: {{name: fifo, max_epochs: {epochs}}}
-fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
-search:
-  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
-  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
-""")
+    space = tpe_fifo_space(tmp_path, epochs)
     address = ray.get_runtime_context().gcs_address
     run, log = tmp_path / "k", tmp_path / "driver.log"
     storage = ["--storage", str(tmp_path), "--name", "k", "--address", address]
@@ -393,14 +398,7 @@ def test_a_killed_add_trials_resumes_with_each_epoch_once_and_the_whole_history(
     from search.study import open_storage
 
     n_first, n_added, epochs, concurrent = 6, 6, 2, 2
-    space = space_file(tmp_path, f"""
-sampler: tpe
-scheduler: {{name: fifo, max_epochs: {epochs}}}
-fixed: {{resolution: 8, weights: none, batch_size: 8, unfreeze_depth: 0}}
-search:
-  lr:              {{type: float, low: 0.01, high: 0.3, log: true}}
-  label_smoothing: {{type: float, low: 0.0, high: 0.2}}
-""")
+    space = tpe_fifo_space(tmp_path, epochs)
     run, log = tmp_path / "x", tmp_path / "driver.log"
     storage = ["--storage", str(tmp_path), "--name", "x"]
     main(["search", "--space", str(space), "--data", tiny_images(tmp_path), "--trials",

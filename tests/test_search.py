@@ -26,7 +26,7 @@ from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
 from search.study import startup_trials
 from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
-from tests.conftest import search_space_file
+from tests.conftest import one_line_error, search_space_file
 from trainable import TrainConfig, load_dataset
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
@@ -280,15 +280,6 @@ def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) ->
         searcher.on_trial_complete(f"t{i}", {"best_val_acc": cfg.lr * (1 + cfg.label_smoothing)})
     study = cast(optuna.Study, searcher._ot_study)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * trials
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("resnet-hpo: error: "), err
-    return err
 
 
 def test_more_gpus_than_any_node_fails_at_once(tmp_path: Path, ray_session: None,

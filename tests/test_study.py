@@ -32,6 +32,7 @@ from search.study import (
 from search.study_search import StudySearch
 from search.warm_start import WARM_START_ATTR, plan_warm_start
 from spaces import DefineByRun, load_space, parse_space
+from tests.conftest import one_line_error
 from tests.rundir_fixture import sampled_run, search_json, trial_rows, write_run
 from trainable.data import cache_dir
 from trainable.errors import UserError
@@ -46,15 +47,6 @@ def files(root: Path) -> dict[str, bytes]:
     """Every file under `root` with its bytes: what 'nothing changed' compares."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file()}
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("resnet-hpo: error: "), err
-    return err
 
 
 def finished_run(run: Path, journal: bytes) -> Path:
