@@ -1,18 +1,24 @@
 """Search efficiency on digits: the best val_acc reached against the epochs spent, for
 TPE+ASHA, random+ASHA and random+FIFO with the same space, number of trials and seeds.
 
-    python benchmarks/search_efficiency.py [--space quick] [--trials 16] [--seed 0]
-        [--repeats 1] [--max-epochs N] [--resolution 16] [--output DIR]
+    python benchmarks/search_efficiency.py [--space benchmarks/digits_hard.yaml]
+        [--trials 10] [--seed 0] [--repeats 3] [--max-epochs N] [--resolution PX]
+        [--storage DIR] [--output DIR]
 
 Each strategy is a real `resnet-hpo search` through the project's own driver, all three on
-one local Ray started here. The epochs of a search are taken in the order they ended
-(epochs.parquet, end_time), all trials together: with trials running side by side, "epochs
-spent" after k epochs counts every epoch of every trial finished by then. For each seed the
-target is random+FIFO's best val_acc; the script prints the epochs each strategy needed to
-first reach it. The last line is `epochs ratio (tpe+asha / random+fifo): X.XX` (summed over
-the seeds; `never` if TPE+ASHA missed the target for some seed). With `--output DIR` it
-writes DIR/search_efficiency.txt (this output) and DIR/search_efficiency.png (the curves).
-The searches' own output goes to search.log (in DIR, else in the temporary storage).
+one local Ray started here. The default task (benchmarks/digits_hard.yaml: half of digits'
+training images held out, 8px, 3 epochs a trial, lr over four decades of which about one
+trains, and a flip and a crop that cost accuracy) is one where the sampler matters; on the
+quick space every strategy ended at the same val_acc.
+The epochs of a search are taken in the order they ended (epochs.parquet, end_time), all
+trials together: with trials running side by side, "epochs spent" after k epochs counts
+every epoch of every trial finished by then. For each seed the target is random+FIFO's best
+val_acc; the script prints the epochs each strategy needed to first reach it and that
+against random+FIFO's. The last line is `epochs ratio (tpe+asha / random+fifo), median of
+N seeds: X.XX` (`never` if TPE+ASHA missed the target for half of the seeds or more). With
+`--output DIR` it writes DIR/search_efficiency.txt (this output) and
+DIR/search_efficiency.png (the curves). The searches' own output goes to search.log (in DIR,
+else in the storage).
 
 TPE's first startup trials (search/study.py startup_trials: a quarter of the trials, 2 to
 10) are random draws from the same seed as the random sampler's: TPE can only differ from
@@ -28,13 +34,14 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,6 +51,7 @@ from search.cli import main as resnet_hpo
 from search.rundir import EPOCHS_FILE
 
 METRIC = "val_acc"
+TASK = Path(__file__).resolve().with_name("digits_hard.yaml")
 STRATEGIES = {"tpe+asha": ("tpe", "asha"), "random+asha": ("random", "asha"),
               "random+fifo": ("random", "fifo")}
 BASELINE, CHALLENGER = "random+fifo", "tpe+asha"
@@ -70,9 +78,25 @@ def epochs_to_reach(rows: Sequence[Mapping[str, Any]], target: float) -> int | N
     return first_reach(best_so_far(rows), target)
 
 
+def ratio(epochs: int | None, base: int | None) -> float:
+    """epochs / base; infinite when `epochs` never reached the target."""
+    return math.inf if epochs is None or not base else epochs / base
+
+
+def median_ratio(ratios: Sequence[float]) -> str:
+    """The median, `never` when it is infinite (half of the seeds or more never reached the
+    target)."""
+    middle = statistics.median(ratios)
+    return "never" if math.isinf(middle) else f"{middle:.2f}"
+
+
+def fmt(epochs: int | None) -> str:
+    return "never" if epochs is None else str(epochs)
+
+
 @dataclass(frozen=True)
 class Run:
-    strategy: str
+    label: str
     seed: int
     curve: list[float]
     seconds: float
@@ -85,24 +109,66 @@ class Run:
         return first_reach(self.curve, target)
 
 
-def run_search(strategy: str, seed: int, args: argparse.Namespace, storage: Path,
-               log: Any) -> Run:
-    sampler, scheduler = STRATEGIES[strategy]
-    name = f"{sampler}-{scheduler}-seed{seed}"
-    flags = ["search", "--space", args.space, "--data", "digits", "--trials", str(args.trials),
-             "--sampler", sampler, "--scheduler", scheduler, "--seed", str(seed),
-             "--resolution", str(args.resolution), "--storage", str(storage), "--name", name]
+def task_flags(args: argparse.Namespace) -> list[str]:
+    """The flags of every search of a benchmark: the space, digits, and the overrides."""
+    flags = ["--space", str(args.space), "--data", "digits"]
+    if args.resolution:
+        flags += ["--resolution", str(args.resolution)]
     if args.max_epochs:
         flags += ["--max-epochs", str(args.max_epochs)]
+    return flags
+
+
+def run_search(label: str, name: str, seed: int, flags: list[str], storage: Path,
+               log: IO[str]) -> Run:
+    """One `resnet-hpo search ... --seed SEED` as STORAGE/NAME; its curve from epochs.parquet."""
     start = time.monotonic()
     with contextlib.redirect_stdout(log):
-        resnet_hpo(flags)
+        resnet_hpo(["search", *flags, "--seed", str(seed), "--storage", str(storage),
+                    "--name", name])
     rows = pq.read_table(storage / name / EPOCHS_FILE).to_pylist()
-    return Run(strategy, seed, best_so_far(rows), time.monotonic() - start)
+    run = Run(label, seed, best_so_far(rows), time.monotonic() - start)
+    print(f"  ran {label} seed {seed}: {len(run.curve)} epochs, {run.seconds:.0f} s", flush=True)
+    return run
 
 
-def fmt(epochs: int | None) -> str:
-    return "never" if epochs is None else str(epochs)
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, {gpu}"
+
+
+@contextlib.contextmanager
+def benchmark_session(args: argparse.Namespace, title: str, script: str, argv: list[str]
+                      ) -> Iterator[tuple[Path, IO[str], list[str]]]:
+    """A local Ray (unless one is running: the tests'), the storage, the searches' log and
+    the lines of the output; on leaving, DIR/<script>.txt with a header when `--output DIR`
+    was given."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:  # address="local": never join a cluster another process started here
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, logging_level=logging.ERROR)
+    load_before = os.getloadavg()[0]
+    lines = [title]
+    print(title, flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"{script}-") as tmp:
+            storage = Path(args.storage or tmp)
+            logs = args.output or storage
+            logs.mkdir(parents=True, exist_ok=True)
+            with open(logs / "search.log", "a") as log:
+                yield storage, log, lines
+    finally:
+        if started:
+            ray.shutdown()
+    if args.output:
+        command = shlex.join(["python", f"benchmarks/{script}.py", *argv])
+        header = (f"# {time.strftime('%Y-%m-%d')}  {machine()} (load average {load_before:.1f} "
+                  f"at the start, {os.getloadavg()[0]:.1f} at the end)  {command}")
+        (args.output / f"{script}.txt").write_text("\n".join([header, *lines]) + "\n")
 
 
 def table(runs: dict[str, Run]) -> list[str]:
@@ -113,32 +179,29 @@ def table(runs: dict[str, Run]) -> list[str]:
              f"{'epochs to target':>16s} {'vs fifo':>7s} {'wall s':>7s}"]
     for name, run in runs.items():
         reached = run.reach(target)
-        ratio = "-" if reached is None or base is None else f"{reached / base:.2f}"
+        vs = "-" if reached is None else f"{ratio(reached, base):.2f}"
         lines.append(f"  {name:12s} {len(run.curve):12d} {run.best:12.4f} {fmt(reached):>16s} "
-                     f"{ratio:>7s} {run.seconds:7.0f}")
+                     f"{vs:>7s} {run.seconds:7.0f}")
     return lines
 
 
 def summary(results: list[dict[str, Run]]) -> list[str]:
-    targets = [runs[BASELINE].best for runs in results]
-    reached = {name: [runs[name].reach(t) for runs, t in zip(results, targets, strict=True)]
-               for name in STRATEGIES}
+    ratios = {name: [ratio(runs[name].reach(runs[BASELINE].best),
+                           runs[BASELINE].reach(runs[BASELINE].best)) for runs in results]
+              for name in STRATEGIES}
     lines = []
     if len(results) > 1:
-        lines.append(f"mean over {len(results)} seeds (epochs to target: mean over the seeds "
-                     "that reached it)")
-        for name, hits in reached.items():
-            spent = sum(len(runs[name].curve) for runs in results) / len(results)
-            best = sum(runs[name].best for runs in results) / len(results)
-            done = [h for h in hits if h is not None]
-            mean = f"{sum(done) / len(done):.1f}" if done else "never"
-            lines.append(f"  {name:12s} {spent:12.1f} {best:12.4f} {mean:>16s} "
-                         f"({len(done)}/{len(hits)} reached)")
-    ours = [h for h in reached[CHALLENGER] if h is not None]
-    base = sum(b or 0 for b in reached[BASELINE])
-    ratio = (f"{sum(ours) / base:.2f}" if len(ours) == len(results) else
-             f"never ({len(ours)} of {len(results)} seeds reached it)")
-    lines.append(f"epochs ratio ({CHALLENGER} / {BASELINE}): {ratio}")
+        lines += [f"median of {len(results)} seeds",
+                  f"  {'strategy':12s} {'epochs spent':>12s} {'best val_acc':>12s} "
+                  f"{'vs fifo':>7s}  per seed"]
+        for name, per_seed in ratios.items():
+            spent = statistics.median(len(runs[name].curve) for runs in results)
+            best = statistics.median(runs[name].best for runs in results)
+            seeds = " ".join("never" if math.isinf(r) else f"{r:.2f}" for r in per_seed)
+            lines.append(f"  {name:12s} {spent:12.1f} {best:12.4f} "
+                         f"{median_ratio(per_seed):>7s}  {seeds}")
+    lines.append(f"epochs ratio ({CHALLENGER} / {BASELINE}), median of {len(results)} seed"
+                 f"{'s' * (len(results) > 1)}: {median_ratio(ratios[CHALLENGER])}")
     return lines
 
 
@@ -167,57 +230,48 @@ def plot(results: list[dict[str, Run]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    import ray
-
-    started = not ray.is_initialized()  # else join it (as the tests do)
-    if started:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    lines = [f"search efficiency on digits: space {args.space}, {args.trials} trials, "
-             f"resolution {args.resolution}, max epochs "
-             f"{args.max_epochs or 'as the space says'}, {os.cpu_count()} CPUs",
-             "epochs spent = every epoch of every trial, in the order they ended (trials run "
-             "side by side)"]
-    print("\n".join(lines), flush=True)
-    with tempfile.TemporaryDirectory(prefix="search-efficiency-") as tmp:
-        storage = Path(args.storage or tmp)
-        logs = args.output or storage
-        logs.mkdir(parents=True, exist_ok=True)
-        results = []
-        with open(logs / "search.log", "a") as log:
-            for seed in range(args.seed, args.seed + args.repeats):
-                runs = {}
-                for name in STRATEGIES:
-                    runs[name] = run = run_search(name, seed, args, storage, log)
-                    print(f"  ran {name} seed {seed}: {len(run.curve)} epochs, "
-                          f"{run.seconds:.0f} s", flush=True)
-                results.append(runs)
-                lines += table(runs)
-                print("\n".join(lines[-len(runs) - 2:]), flush=True)
-    if started:
-        ray.shutdown()
-    tail = summary(results)
-    print("\n".join(tail))
+    title = "\n".join([
+        f"search efficiency on digits: space {args.space}, {args.trials} trials, resolution "
+        f"{args.resolution or 'as the space says'}, max epochs "
+        f"{args.max_epochs or 'as the space says'}, {os.cpu_count()} CPUs",
+        "epochs spent = every epoch of every trial, in the order they ended (trials run side "
+        "by side)"])
+    results = []
+    with benchmark_session(args, title, "search_efficiency", argv) as (storage, log, lines):
+        for seed in range(args.seed, args.seed + args.repeats):
+            runs = {}
+            for label, (sampler, scheduler) in STRATEGIES.items():
+                flags = [*task_flags(args), "--trials", str(args.trials),
+                         "--sampler", sampler, "--scheduler", scheduler]
+                runs[label] = run_search(label, f"{sampler}-{scheduler}-seed{seed}", seed,
+                                         flags, storage, log)
+            results.append(runs)
+            lines += table(runs)
+            print("\n".join(lines[-len(runs) - 2:]), flush=True)
+        tail = summary(results)
+        lines += tail
+        print("\n".join(tail), flush=True)
     if args.output:
-        device = f"{os.cpu_count()}-core {platform.machine()} CPU"
-        command = shlex.join(["python", "benchmarks/search_efficiency.py", *argv])
-        header = f"# {time.strftime('%Y-%m-%d')}  {device}  {command}"
-        (args.output / "search_efficiency.txt").write_text("\n".join([header, *lines, *tail])
-                                                           + "\n")
         plot(results, args.output / "search_efficiency.png")
+
+
+def add_task_args(parser: argparse.ArgumentParser) -> None:
+    """The flags both search benchmarks share: the task, the seeds, where runs go."""
+    parser.add_argument("--space", type=Path, default=TASK,
+                        help="space file or shipped name (default: benchmarks/digits_hard.yaml)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (sampler and training)")
+    parser.add_argument("--repeats", type=int, default=3, help="seeds seed..seed+R-1 (default 3)")
+    parser.add_argument("--max-epochs", type=int, help="epochs per trial (default: the space's)")
+    parser.add_argument("--resolution", type=int, help="px (default: the space's)")
+    parser.add_argument("--storage", type=Path,
+                        help="keep the run directories here (default: a temporary directory)")
+    parser.add_argument("--output", type=Path, help="write the results here")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--space", default="quick", help="shipped space name or YAML file")
-    parser.add_argument("--trials", type=int, default=16, help="trials per search")
-    parser.add_argument("--seed", type=int, default=0, help="first seed (sampler and training)")
-    parser.add_argument("--repeats", type=int, default=1, help="seeds seed..seed+R-1")
-    parser.add_argument("--max-epochs", type=int, help="epochs per trial (ASHA's max_t)")
-    parser.add_argument("--resolution", type=int, default=16, help="px (default 16)")
-    parser.add_argument("--storage", type=Path,
-                        help="keep the run directories here (default: a temporary directory)")
-    parser.add_argument("--output", type=Path, help="write the results text and PNG here")
+    parser.add_argument("--trials", type=int, default=10, help="trials per search (default 10)")
+    add_task_args(parser)
     args = parser.parse_args(argv)
     if args.trials < 1 or args.repeats < 1:
         parser.error("--trials and --repeats must be >= 1")

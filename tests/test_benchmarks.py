@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from benchmarks.warm_start import main as warm_start_benchmark
+from search.rundir import SEARCH_FILE, TRIALS_FILE
+from tests.conftest import search_space_file
 from trainable import Split
 from trainable.train import DeviceImages
 
@@ -87,3 +92,26 @@ def test_device_images_gather_the_requested_rows_and_labels() -> None:
     [(batch, labels)] = device_images.batches([torch.tensor([4, 1])])
     assert torch.equal(batch, torch.from_numpy(images[[4, 1]]))
     assert labels.tolist() == [1, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_warm_start_benchmark_prints_the_ratio(tmp_path: Path, ray_session: None,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """In this process, on the session's Ray (a script of its own would start another)."""
+    space = search_space_file(tmp_path, max_epochs=1, grace_period=1)
+    storage = tmp_path / "runs"
+    warm_start_benchmark(["--space", str(space), "--trials", "2", "--source-trials", "2",
+                          "--warm-start-top", "1", "--repeats", "1", "--resolution", "8",
+                          "--storage", str(storage)])
+    lines = capsys.readouterr().out.splitlines()
+    for search in ("earlier seed 1000", "cold seed 0", "warm seed 0"):
+        assert f"  ran {search}: 2 epochs, " in "\n".join(lines)
+    assert re.fullmatch(r"  epochs ratio \(warm / cold\): (\d+\.\d\d|never)", lines[-2])
+    assert re.fullmatch(r"epochs ratio \(warm / cold\), median of 1 seed: (\d+\.\d\d|never)",
+                        lines[-1])
+    source = pq.read_table(storage / "source-seed0" / TRIALS_FILE).to_pandas()
+    best = source.sort_values(["best_metric", "trial_id"], ascending=[False, True]).trial_id
+    warm = json.loads((storage / "warm-seed0" / SEARCH_FILE).read_text())["warm_start"]
+    assert warm["run"] == str(storage / "source-seed0") and warm["enqueued"] == [best.iloc[0]]
+    assert "warm_start" not in json.loads((storage / "cold-seed0" / SEARCH_FILE).read_text())

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from optuna.distributions import FloatDistribution
 
-from benchmarks.search_efficiency import best_so_far, epochs_to_reach, main
+from benchmarks.search_efficiency import (
+    TASK,
+    best_so_far,
+    epochs_to_reach,
+    main,
+    median_ratio,
+    ratio,
+)
+from spaces import load_space
 from tests.conftest import search_space_file
 
 
@@ -34,16 +44,32 @@ def test_unscored_epochs_are_spent_but_reach_nothing() -> None:
     assert epochs_to_reach([], 0.0) is None
 
 
+def test_the_median_ratio_counts_a_seed_that_never_reached_the_target_as_the_worst() -> None:
+    assert ratio(6, 8) == 0.75 and ratio(None, 8) == math.inf
+    assert median_ratio([0.5, math.inf, 0.7]) == "0.70"
+    assert median_ratio([0.4, 0.6]) == "0.50"
+    assert median_ratio([0.5, math.inf]) == "never"
+    assert median_ratio([0.5, 0.6, math.inf, math.inf]) == "never"
+
+
+def test_the_benchmark_task_is_a_space_with_a_bad_lr_region() -> None:
+    space = load_space(str(TASK))
+    lr = next(p.distribution for p in space.params if p.name == "lr")
+    assert space.config({}).val_fraction == 0.5 and space.scheduler.max_epochs == 3
+    assert lr == FloatDistribution(1e-4, 1.0, log=True)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_three_searches_print_the_ratio(tmp_path: Path, ray_session: None,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     space = search_space_file(tmp_path, max_epochs=1, grace_period=1)
-    main(["--space", str(space), "--trials", "1", "--resolution", "8",
+    main(["--space", str(space), "--trials", "1", "--resolution", "8", "--repeats", "1",
           "--output", str(tmp_path / "out")])
     out = capsys.readouterr().out
     for strategy in ("tpe+asha", "random+asha", "random+fifo"):
         assert f"  ran {strategy} seed 0: 1 epochs" in out
-    assert "epochs ratio (tpe+asha / random+fifo): " in out.splitlines()[-1]
+    assert re.fullmatch(r"epochs ratio \(tpe\+asha / random\+fifo\), median of 1 seed: "
+                        r"(\d+\.\d\d|never)", out.splitlines()[-1])
     assert (tmp_path / "out" / "search_efficiency.png").stat().st_size > 0
     assert (tmp_path / "out" / "search_efficiency.txt").read_text().startswith("# ")
