@@ -51,7 +51,7 @@ from benchmarks.common import JPEG_QUALITY, Stopwatch, balanced_labels, syntheti
 from trainable import Split
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE
-from trainable.train import DeviceImages
+from trainable.device_images import DeviceImages
 
 MIB = 2**20
 NUM_CLASSES = 10

@@ -56,7 +56,8 @@ from trainable.augment import (
     resolve_flip,
     soft_targets,
 )
-from trainable.train import DeviceImages, Runtime
+from trainable.device_images import DeviceImages
+from trainable.train import Runtime
 
 NUM_CLASSES = 10
 # Dense bf16 tensor-core peaks from the vendor's data sheets, by device-name substring.

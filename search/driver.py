@@ -202,7 +202,7 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
     from search.progress import ProgressPrinter
     from search.results_writer import ResultsWriter
     from search.tensorboard_writer import TensorBoardWriter
-    from trainable.tune_adapter import objective_name
+    from trainable.ranking import objective_name
 
     space = request.space
     objective = objective_name(space.metric)
@@ -305,7 +305,7 @@ def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, shared: Decode
               warm_start: WarmStart | None, concurrent: int) -> Any:
     """A Tuner for a new search, or for the trials --add-trials adds, with the run's study:
     the sampler is conditioned on every trial already in it."""
-    from trainable.tune_adapter import objective_name
+    from trainable.ranking import objective_name
 
     space = request.space
     if request.mode == "new":

@@ -23,6 +23,7 @@ from torch import nn
 
 from trainable.config import TrainConfig
 from trainable.data import Split, load_dataset
+from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.fusion import (
     FeatureHead,
@@ -33,7 +34,7 @@ from trainable.fusion import (
 )
 from trainable.model import Backbone
 from trainable.saved import SavedModel
-from trainable.train import DeviceImages, Runtime, predict_outputs
+from trainable.train import Runtime, predict_outputs
 
 CV_MAX_FOLDS = 5
 WEIGHTS_MAX_ITER = 200

@@ -8,9 +8,10 @@ from typing import Any
 
 from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
+from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.saved import MODEL_FILE, MODEL_ONNX_FILE, save_model_dir
-from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
+from trainable.train import Runtime, SaveCheckpoint, evaluate
 
 
 def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:

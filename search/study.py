@@ -127,7 +127,7 @@ def open_storage(run: RunDir) -> JournalStorage:
 def open_study(storage: JournalStorage, space: SearchSpace) -> optuna.Study:
     """The run's study (created if the journal has none yet), its objective named as the
     trials report it (best_val_acc, ...), which optuna-dashboard puts on its axes."""
-    from trainable.tune_adapter import objective_name  # imports Ray and torch
+    from trainable.ranking import objective_name
 
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
                                 direction="maximize" if space.mode == "max" else "minimize")

@@ -31,7 +31,7 @@ from search.searched import active_values
 from spaces.space import Param
 from trainable.config import TrainConfig
 from trainable.data import cache_dir
-from trainable.tune_adapter import objective_name
+from trainable.ranking import objective_name
 
 
 def metric_tags(metric: str) -> list[str]:

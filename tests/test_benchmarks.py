@@ -17,7 +17,7 @@ from benchmarks.warm_start import main as warm_start_benchmark
 from search.rundir import SEARCH_FILE, TRIALS_FILE
 from tests.conftest import search_space_file
 from trainable import Split
-from trainable.train import DeviceImages
+from trainable.device_images import DeviceImages
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--device", "cpu", "--resolution", "16", "--batch-size", "8", "--steps", "2",

@@ -27,7 +27,7 @@ from tests.conftest import write_class_tree
 from trainable import Dataset, Split, TrainConfig, UserError, fit, load_dataset
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE, META_FILE, RUN_DATA_DIR, Progress
-from trainable.train import DeviceImages
+from trainable.device_images import DeviceImages
 
 REPO = Path(__file__).resolve().parents[1]
 

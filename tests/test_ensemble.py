@@ -30,6 +30,7 @@ from search.ensemble_evaluation import (
 from search.rundir import ENSEMBLE_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
 from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset
+from trainable.device_images import DeviceImages
 from trainable.fusion import (
     METHODS,
     FeatureHead,
@@ -39,7 +40,7 @@ from trainable.fusion import (
 )
 from trainable.model import ImageClassifier, build_model
 from trainable.saved import load_ensemble_dir
-from trainable.train import DeviceImages, Runtime, SaveCheckpoint, evaluate
+from trainable.train import Runtime, SaveCheckpoint, evaluate
 
 # (trial_id, search metric, config changes): members differ in resolution and stem.
 MEMBERS: list[tuple[str, float, dict[str, Any]]] = [

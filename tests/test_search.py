@@ -30,10 +30,11 @@ from tests.conftest import one_line_error, search_space_file
 from trainable import TrainConfig, load_dataset
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
+from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.model import ImageClassifier
 from trainable.saved import load_checkpoint_dir, load_classifier, load_ensemble_dir
-from trainable.train import DeviceImages, Runtime, evaluate
+from trainable.train import Runtime, evaluate
 
 pytestmark = pytest.mark.ray
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import trainable.train as train_module
 from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, fit, load_dataset
 from trainable.augment import normalize
+from trainable.device_images import DeviceImages
 from trainable.model import ImageClassifier, build_model
 from trainable.saved import CHECKPOINT_FILE
-from trainable.train import DeviceImages, Runtime, SaveCheckpoint, predict_outputs
+from trainable.train import Runtime, SaveCheckpoint, predict_outputs
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
                "epoch_time_s"}

@@ -24,6 +24,12 @@ def metric_mode(metric: str) -> str:
     return METRIC_MODES[metric]
 
 
+def objective_name(metric: str) -> str:
+    """What a trial reports as its running best of `metric` (best_val_acc, ...): what the
+    sampler and ASHA see, and the study's objective."""
+    return f"best_{metric}"
+
+
 def is_scored(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 

@@ -20,13 +20,9 @@ from ray import tune
 
 from trainable.config import TrainConfig
 from trainable.data import DecodedData
-from trainable.ranking import best_epoch_row, metric_mode
+from trainable.ranking import best_epoch_row, metric_mode, objective_name
 from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs, write_trial_epochs
 from trainable.train import SaveCheckpoint, TrainingDiverged, fit
-
-
-def objective_name(metric: str) -> str:
-    return f"best_{metric}"
 
 
 def train_trial(config: dict[str, Any], data: DecodedData) -> None:
