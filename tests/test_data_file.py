@@ -78,13 +78,21 @@ def test_decoding_holds_a_few_images_at_a_time_not_the_list(
 
 
 KILLED_DECODE = """
-import sys, time
+import sys, threading
+from pathlib import Path
 import trainable.data
 decode = trainable.data.decode_image
-def slow(path, resolution):
-    time.sleep(0.05)
+decoded, lock = [0], threading.Lock()
+def stalling(path, resolution):
+    with lock:
+        decoded[0] += 1
+        n = decoded[0]
+    if n == 10:  # a few images in: tell the test, which kills this process
+        Path(sys.argv[2]).touch()
+    if n >= 10:
+        threading.Event().wait()
     return decode(path, resolution)
-trainable.data.decode_image = slow
+trainable.data.decode_image = stalling
 trainable.data.load_dataset(sys.argv[1], 8, 0.25)
 """
 
@@ -93,13 +101,14 @@ def test_a_killed_decode_is_never_used_and_its_leftovers_go(tmp_path: Path) -> N
     root = write_class_tree(tmp_path / "tree", per_class=30, size=12)
     decoded_root = Path(os.environ["RESNET_HPO_CACHE"]) / "decoded"
     before = set(decoded_root.glob("*")) if decoded_root.exists() else set()
-    child = subprocess.Popen([sys.executable, "-c", KILLED_DECODE, f"imagefolder:{root}"],
+    in_flight = tmp_path / "ten-images-decoded"
+    child = subprocess.Popen([sys.executable, "-c", KILLED_DECODE, f"imagefolder:{root}",
+                              str(in_flight)],
                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 120
-    while not [p for p in decoded_root.glob(".*.tmp") if (p / IMAGES_FILE).exists()]:
+    while not in_flight.exists():  # the decode stalls there until it is killed
         assert child.poll() is None and time.monotonic() < deadline, "the decode never began"
         time.sleep(0.05)
-    time.sleep(0.5)  # a few images in: about 10 of 90
     child.send_signal(signal.SIGKILL)
     child.wait()
     [partial] = decoded_root.glob(".*.tmp")
