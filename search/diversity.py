@@ -4,6 +4,7 @@ each one confuses."""
 from __future__ import annotations
 
 import numpy as np
+import sklearn.metrics
 import torch
 
 
@@ -17,10 +18,8 @@ def pairwise_disagreement(probs: torch.Tensor) -> np.ndarray:
 def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor, classes: int) -> np.ndarray:
     """Row-normalised: row t, column p is the share of class t's images predicted as p (a
     class without images gets a row of zeros)."""
-    counts = np.zeros((classes, classes))
-    np.add.at(counts, (labels.numpy(), probs.argmax(-1).numpy()), 1)
-    totals = counts.sum(1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    return sklearn.metrics.confusion_matrix(labels.numpy(), probs.argmax(-1).numpy(),
+                                            labels=range(classes), normalize="true")
 
 
 def disagreement_text(trial_ids: list[str], matrix: np.ndarray, split: str,

@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, TextIO
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+from tqdm import tqdm
 
 from trainable.errors import UserError
 
@@ -160,47 +161,35 @@ class DecodedWriter:
 
 
 class Progress:
-    """A long job's progress on stderr: a bar redrawn in place on a terminal, a line every
-    10% elsewhere (a log), each with the rate; nothing for a job done within
-    PROGRESS_AFTER_S."""
+    """A long job's progress on stderr: tqdm's bar on a terminal, a line every 10% elsewhere
+    (a log), each with the rate; nothing for a job done within PROGRESS_AFTER_S."""
 
     def __init__(self, total: int, what: str, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.total, self.what, self.clock = max(total, 1), what, clock
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.bar = tqdm(total=total, desc=what, unit=" images", file=self.stream,
+                        delay=PROGRESS_AFTER_S, mininterval=PROGRESS_REDRAW_S,
+                        disable=not self.stream.isatty())
         self.done = 0
         self.started = clock()
-        self.drawn = -1.0  # when the bar was last drawn; < 0: never
         self.tenths = 0  # of the total, reported as lines
-
-    def _status(self, elapsed: float) -> str:
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        return (f"{self.what}: {self.done}/{self.total} images ({100 * self.done // self.total}%)"
-                f", {rate:,.0f} images/s")
 
     def advance(self, count: int) -> None:
         self.done += count
-        now = self.clock()
-        elapsed = now - self.started
-        if elapsed < PROGRESS_AFTER_S:
-            return
-        if self.tty:
-            if now - self.drawn >= PROGRESS_REDRAW_S or self.done >= self.total:
-                filled = 30 * self.done // self.total
-                self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] "
-                                  f"{self._status(elapsed)}")
-                self.stream.flush()
-                self.drawn = now
-        elif 10 * self.done // self.total > self.tenths:
+        self.bar.update(count)
+        elapsed = self.clock() - self.started
+        if self.bar.disable and elapsed >= PROGRESS_AFTER_S and (
+                10 * self.done // self.total > self.tenths):
             self.tenths = 10 * self.done // self.total
-            print(self._status(elapsed), file=self.stream, flush=True)
+            print(f"{self.what}: {self.done}/{self.total} images "
+                  f"({100 * self.done // self.total}%), {self.done / elapsed:,.0f} images/s",
+                  file=self.stream, flush=True)
 
     def finish(self) -> None:
-        if self.drawn >= 0:
-            self.stream.write("\n")
-        if self.drawn >= 0 or self.tenths:
-            elapsed = self.clock() - self.started
+        self.bar.close()
+        elapsed = self.clock() - self.started
+        if elapsed >= PROGRESS_AFTER_S:
             print(f"{self.what}: {self.done} images in {elapsed:.1f} s "
                   f"({self.done / elapsed:,.0f} images/s)", file=self.stream, flush=True)
 
