@@ -204,7 +204,7 @@ def add_ensemble_parser(commands: Subcommands) -> None:
                                "regression on the probabilities, fitted on the validation "
                                "split); concat (a linear head on the members' features, "
                                "trained on the training split); all: evaluate every method "
-                               "and save the one with the best val_acc (default average)")
+                               "and save the best by the search's metric on val (default average)")
     ensemble.add_argument("--output", metavar="DIR",
                           help="directory for the ensemble (default: RUN/ensemble)")
     ensemble.add_argument("--onnx", action="store_true", help="also export ensemble.onnx")

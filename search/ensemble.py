@@ -5,8 +5,9 @@ checkpoints and evaluated on the data each was trained on (decoded at the search
 resolution, resized to its own, with its own stem; `search.ensemble_evaluation`). The result
 is one module (`trainable.fusion.EnsembleClassifier`: float RGB images in [0, 1] -> class
 probabilities), saved as an ensemble directory (`trainable.saved`) and, with --onnx,
-exported as one graph. With --method all every method
-is evaluated on the same members and the one with the best val_acc is saved.
+exported as one graph. With --method all every method is evaluated on the same members and
+the one with the best value of the search's metric on val is saved; the best member, which
+the gain is measured against, is chosen the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
 from trainable.model import ImageClassifier
+from trainable.ranking import best_of, metric_mode
 from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
 
 
@@ -66,40 +68,55 @@ def load_member(trial: dict[str, Any]) -> Member:
         raise UserError(f"trial {trial['trial_id']}: cannot read its checkpoint ({e})") from None
 
 
-def gain_over_best_member(scores: Scores, member_scores: list[Scores]) -> float:
+def ensemble_metric(run: SearchRun) -> str:
+    """The search's metric as members and methods are scored: on the validation split, so a
+    search on train_loss is ranked by val_loss."""
+    return "val_acc" if run.metric == "val_acc" else "val_loss"
+
+
+def best_index(scores: list[Scores], metric: str) -> int:
+    """Which of `scores` is best by `metric` (the first of equals)."""
+    best = best_of(range(len(scores)), lambda i: getattr(scores[i], metric), metric_mode(metric))
+    assert best is not None, "accuracies and losses of probabilities are finite"
+    return best
+
+
+def gain_over_best_member(scores: Scores, best_member: Scores) -> float:
     """The ensemble's accuracy minus the best member's: on test when there is one, else val."""
-    if scores.test_acc is not None:
-        return scores.test_acc - max(s.test_acc for s in member_scores if s.test_acc is not None)
-    return scores.val_acc - max(s.val_acc for s in member_scores)
+    if scores.test_acc is not None and best_member.test_acc is not None:
+        return scores.test_acc - best_member.test_acc
+    return scores.val_acc - best_member.val_acc
 
 
-def method_row(fit: Fitted, member_scores: list[Scores]) -> dict[str, Any]:
-    row = {"method": fit.method, "val_acc": fit.scores.val_acc, "test_acc": fit.scores.test_acc,
-           "gain": gain_over_best_member(fit.scores, member_scores),
+def method_row(fit: Fitted, best_member: Scores) -> dict[str, Any]:
+    row = {"method": fit.method, "val_acc": fit.scores.val_acc,
+           "val_loss": fit.scores.val_loss, "test_acc": fit.scores.test_acc,
+           "gain": gain_over_best_member(fit.scores, best_member),
            "fit_seconds": fit.fit_seconds}
     if isinstance(fit.combiner, WeightedAverage):
         row["weights"] = fit.combiner.weights.tolist()
     return row
 
 
-def summary(method: str, top: int, members: list[Member], outputs: MemberOutputs,
+def summary(method: str, metric: str, top: int, members: list[Member], outputs: MemberOutputs,
             fits: list[Fitted], chosen: Fitted, output_dir: Path,
             confusion_pngs: list[str]) -> dict[str, Any]:
     """The evaluation as RUN/ensemble.json holds it: the saved ensemble (`chosen`) at the top
     level, every evaluated method under `methods`."""
     member_scores = scores_of_members(outputs)
-    best_test = (max(s.test_acc for s in member_scores if s.test_acc is not None)
-                 if outputs.test is not None else None)
+    best = best_index(member_scores, metric)
     return {
-        "method": chosen.method, "requested": method, "top": top,
-        "members": [{"trial_id": m.trial_id, "val_acc": s.val_acc, "test_acc": s.test_acc}
+        "method": chosen.method, "requested": method, "metric": metric, "top": top,
+        "members": [{"trial_id": m.trial_id, "val_acc": s.val_acc, "val_loss": s.val_loss,
+                     "test_acc": s.test_acc}
                     for m, s in zip(members, member_scores, strict=True)],
-        "val_acc": chosen.scores.val_acc, "test_acc": chosen.scores.test_acc,
-        "best_member_val_acc": max(s.val_acc for s in member_scores),
-        "best_member_test_acc": best_test,
-        "gain": gain_over_best_member(chosen.scores, member_scores),
+        "val_acc": chosen.scores.val_acc, "val_loss": chosen.scores.val_loss,
+        "test_acc": chosen.scores.test_acc, "best_member": members[best].trial_id,
+        "best_member_val_acc": member_scores[best].val_acc,
+        "best_member_test_acc": member_scores[best].test_acc,
+        "gain": gain_over_best_member(chosen.scores, member_scores[best]),
         "fit_seconds": chosen.fit_seconds,
-        "methods": [method_row(f, member_scores) for f in fits],
+        "methods": [method_row(f, member_scores[best]) for f in fits],
         "train_features_seconds": outputs.train_seconds,
         "train_images": len(outputs.train.labels) if outputs.train is not None else None,
         "val_images": len(outputs.val.labels),
@@ -113,23 +130,27 @@ def acc(value: float | None) -> str:
 
 def print_report(result: dict[str, Any]) -> None:
     width = max(12, *(len(m["trial_id"]) for m in result["members"]))
-    print(f"{'member':<{width}}  {'val_acc':>8}  {'test_acc':>8}")
+    print(f"{'member':<{width}}  {'val_acc':>8}  {'val_loss':>8}  {'test_acc':>8}")
     for m in result["members"]:
-        print(f"{m['trial_id']:<{width}}  {acc(m['val_acc'])}  {acc(m['test_acc'])}")
+        print(f"{m['trial_id']:<{width}}  {acc(m['val_acc'])}  {acc(m['val_loss'])}  "
+              f"{acc(m['test_acc'])}")
     split = "test" if result["test_acc"] is not None else "val"
     if result["requested"] == "all":
         print()
         print_methods(result["methods"])
-        print(f"gain: over the best member on {split}; fit_s: seconds spent fitting the "
-              "combiner")
+        print(f"gain: over the best member ({result['best_member']}, by {result['metric']}) "
+              f"on {split}; fit_s: seconds spent fitting the combiner")
     else:
         name = f"{result['method']} of {len(result['members'])}"
-        print(f"{name:<{width}}  {acc(result['val_acc'])}  {acc(result['test_acc'])}")
-        print(f"gain over the best member ({split}): {result['gain']:+.4f}")
+        print(f"{name:<{width}}  {acc(result['val_acc'])}  {acc(result['val_loss'])}  "
+              f"{acc(result['test_acc'])}")
+        print(f"gain over the best member ({split}): {result['gain']:+.4f}; the best member "
+              f"is {result['best_member']}, by {result['metric']}")
     for line in method_notes(result):
         print(line)
     if result["requested"] == "all":
-        print(f"saved: {result['method']}, the best val_acc (of equals, the first listed)")
+        print(f"saved: {result['method']}, the best {result['metric']} (of equals, the first "
+              "listed)")
     print()
     trial_ids = [m["trial_id"] for m in result["members"]]
     print(disagreement_text(trial_ids, np.array(result["val_disagreement"]), "val",
@@ -138,9 +159,11 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def print_methods(rows: list[dict[str, Any]]) -> None:
-    print(f"{'method':<8}  {'val_acc':>8}  {'test_acc':>8}  {'gain':>7}  {'fit_s':>6}")
+    print(f"{'method':<8}  {'val_acc':>8}  {'val_loss':>8}  {'test_acc':>8}  {'gain':>7}  "
+          f"{'fit_s':>6}")
     for row in rows:
-        print(f"{row['method']:<8}  {acc(row['val_acc'])}  {acc(row['test_acc'])}  "
+        print(f"{row['method']:<8}  {acc(row['val_acc'])}  {acc(row['val_loss'])}  "
+              f"{acc(row['test_acc'])}  "
               f"{row['gain']:+7.4f}  {row['fit_seconds']:6.2f}")
 
 
@@ -195,7 +218,7 @@ def default_output(run: SearchRun) -> Path:
 def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
                      onnx: bool = False, device: str | None = None) -> dict[str, Any]:
     """Evaluate `method` (or every method, with "all") on the top trials and save one
-    ensemble: the method asked for, or with "all" the one with the best val_acc."""
+    ensemble: the method asked for, or with "all" the best by the search's metric."""
     if top < 2:
         raise UserError(f"--top {top}: an ensemble needs at least 2 members")
     run = SearchRun.open(run_uri)
@@ -205,10 +228,11 @@ def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
     outputs = member_outputs(members, dev, run.info.get("resolution"),
                              with_features="concat" in methods)
     fits = [combine(m, outputs) for m in methods]
-    chosen = max(fits, key=lambda f: f.scores.val_acc)  # of equals the first, the simplest
+    metric = ensemble_metric(run)
+    chosen = fits[best_index([f.scores for f in fits], metric)]  # of equals the simplest
     out = Path(output) if output else default_output(run)
     pngs = write_confusion_matrices(run, out, members, outputs, chosen)
-    result = summary(method, top, members, outputs, fits, chosen, out, pngs)
+    result = summary(method, metric, top, members, outputs, fits, chosen, out, pngs)
     spec = EnsembleSpec(chosen.method, members[0].saved.class_names,
                         [m.trial_id for m in members], [m.saved.cfg for m in members])
     module = EnsembleClassifier([ImageClassifier(m.saved.model.cpu(), m.saved.cfg.resolution)

@@ -147,18 +147,33 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs.argmax(-1) == labels).double().mean().item()
 
 
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean negative log-probability of the true class: a trial's val_loss, for
+    probabilities."""
+    return -probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean().item()
+
+
 @dataclass
 class Scores:
     val_acc: float
     test_acc: float | None
+    val_loss: float
+
+
+def score(val_probs: torch.Tensor, test_probs: torch.Tensor | None,
+          outputs: MemberOutputs) -> Scores:
+    test = outputs.test
+    return Scores(accuracy(val_probs, outputs.val.labels),
+                  accuracy(test_probs, test.labels)
+                  if test is not None and test_probs is not None else None,
+                  nll(val_probs, outputs.val.labels))
 
 
 def scores_of_members(outputs: MemberOutputs) -> list[Scores]:
-    """Each member's own accuracy, in rank order."""
-    val, test = outputs.val, outputs.test
-    return [Scores(accuracy(val.probs[i], val.labels),
-                   accuracy(test.probs[i], test.labels) if test is not None else None)
-            for i in range(len(val.probs))]
+    """Each member's own scores, in rank order."""
+    test = outputs.test
+    return [score(outputs.val.probs[i], test.probs[i] if test is not None else None, outputs)
+            for i in range(len(outputs.val.probs))]
 
 
 @dataclass
@@ -175,11 +190,8 @@ class Fitted:
 def fitted(method: str, combiner: nn.Module, val_probs: torch.Tensor,
            test_probs: torch.Tensor | None, outputs: MemberOutputs,
            fit_seconds: float) -> Fitted:
-    test = outputs.test
-    scores = Scores(accuracy(val_probs, outputs.val.labels),
-                    accuracy(test_probs, test.labels)
-                    if test is not None and test_probs is not None else None)
-    return Fitted(method, combiner, val_probs, test_probs, scores, fit_seconds)
+    return Fitted(method, combiner, val_probs, test_probs,
+                  score(val_probs, test_probs, outputs), fit_seconds)
 
 
 @torch.no_grad()

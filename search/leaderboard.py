@@ -124,10 +124,13 @@ def ensemble_text(ensemble: dict[str, Any]) -> str:
     split = "val" if ensemble.get("test_acc") is None else "test"
     gain = ensemble.get("gain")
     gain_text = "n/a" if gain is None else f"{gain:+.4f} on {split}"
-    chosen = (", the best val_acc of all methods" if ensemble.get("requested") == "all"
+    metric = ensemble.get("metric", "val_acc")
+    chosen = (f", the best {metric} of all methods" if ensemble.get("requested") == "all"
               else "")
+    best = ensemble.get("best_member")
     return (f"ensemble of the top {ensemble.get('top')} ({ensemble.get('method')}{chosen}: "
             f"{', '.join(members)}): val_acc {score('val_acc')}, test_acc {score('test_acc')}; "
-            f"best member: val_acc {score('best_member_val_acc')}, test_acc "
+            f"best member{f' ({best}, by {metric})' if best else ''}: val_acc "
+            f"{score('best_member_val_acc')}, test_acc "
             f"{score('best_member_test_acc')}; gain {gain_text}; model in "
             f"{ensemble.get('output_dir')}")

@@ -18,9 +18,10 @@ import yaml
 
 from search.cli import ENSEMBLE_METHODS, main
 from search.diversity import confusion_matrix, pairwise_disagreement
-from search.ensemble import ensemble_command
+from search.ensemble import best_index, ensemble_command, gain_over_best_member
 from search.ensemble_evaluation import (
     MemberOutputs,
+    Scores,
     SplitOutputs,
     accuracy,
     combine,
@@ -249,12 +250,16 @@ def test_average_of_the_top_trials(run: Path, tmp_path: Path) -> None:
     assert [m["trial_id"] for m in result["members"]] == ["t0", "t1", "t2"]
     saved = json.loads((run / ENSEMBLE_FILE).read_text())
     assert saved == json.loads(json.dumps(result))
-    assert set(saved) == {"method", "requested", "top", "members", "val_acc", "test_acc",
-                          "best_member_val_acc", "best_member_test_acc", "gain", "fit_seconds",
-                          "methods", "train_features_seconds", "train_images", "val_images",
+    assert set(saved) == {"method", "requested", "metric", "top", "members", "val_acc",
+                          "val_loss", "test_acc", "best_member", "best_member_val_acc",
+                          "best_member_test_acc", "gain", "fit_seconds", "methods",
+                          "train_features_seconds", "train_images", "val_images",
                           "val_disagreement", "confusion_matrices", "output_dir"}
     assert saved["fit_seconds"] == 0 and saved["train_images"] is None
-    assert saved["best_member_test_acc"] == max(m["test_acc"] for m in saved["members"])
+    assert saved["metric"] == "val_acc"
+    best = max(saved["members"], key=lambda m: m["val_acc"])  # the first of equals
+    assert saved["best_member"] == best["trial_id"]
+    assert saved["best_member_test_acc"] == best["test_acc"]
     assert saved["gain"] == pytest.approx(saved["test_acc"] - saved["best_member_test_acc"])
 
 
@@ -292,7 +297,7 @@ def test_cli_prints_members_and_gain(run: Path, tmp_path: Path,
     with pytest.warns(UserWarning, match="only 3 trials have a checkpoint"):
         main(["ensemble", str(run), "--top", "5", "--output", str(tmp_path / "ens")])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["member", "val_acc", "test_acc"]
+    assert lines[0].split() == ["member", "val_acc", "val_loss", "test_acc"]
     assert [line.split()[0] for line in lines[1:4]] == ["t0", "t1", "t2"]
     assert lines[4].startswith("average of 3") and "gain over the best member (test)" in lines[5]
 
@@ -303,16 +308,18 @@ def test_method_all_compares_every_method_and_saves_the_best_val_acc(
           str(tmp_path / "ens")])
     lines = capsys.readouterr().out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("method")))
-    assert lines[header].split() == ["method", "val_acc", "test_acc", "gain", "fit_s"]
+    assert lines[header].split() == ["method", "val_acc", "val_loss", "test_acc", "gain",
+                                     "fit_s"]
     table = [line.split() for line in lines[header + 1:header + 6]]
     assert [row[0] for row in table] == list(METHODS)
     saved = json.loads((run / ENSEMBLE_FILE).read_text())
     rows = saved["methods"]
     for row, cells in zip(rows, table, strict=True):
-        assert float(cells[2]) == pytest.approx(row["test_acc"], abs=1e-4)
-        assert float(cells[3]) == pytest.approx(row["test_acc"] - saved["best_member_test_acc"],
+        assert float(cells[2]) == pytest.approx(row["val_loss"], abs=1e-4)
+        assert float(cells[3]) == pytest.approx(row["test_acc"], abs=1e-4)
+        assert float(cells[4]) == pytest.approx(row["test_acc"] - saved["best_member_test_acc"],
                                                 abs=1e-4)
-        assert (float(cells[4]) == 0) == (row["method"] in ("average", "vote"))
+        assert (float(cells[5]) == 0) == (row["method"] in ("average", "vote"))
     best = max(row["val_acc"] for row in rows)
     assert saved["method"] == next(row["method"] for row in rows if row["val_acc"] == best)
     assert load_ensemble_dir(tmp_path / "ens").spec.method == saved["method"]
@@ -328,6 +335,37 @@ def test_method_all_compares_every_method_and_saves_the_best_val_acc(
     for png in (tmp_path / "ens" / "confusion_matrices.png",
                 run / "plots" / "confusion_matrices.png"):
         assert png.read_bytes().startswith(b"\x89PNG"), png
+
+
+def test_the_best_member_and_method_follow_the_search_metric() -> None:
+    scores = [Scores(val_acc=0.9, test_acc=0.8, val_loss=0.5),
+              Scores(val_acc=0.8, test_acc=0.9, val_loss=0.3),
+              Scores(val_acc=0.9, test_acc=0.7, val_loss=0.3)]
+    assert best_index(scores, "val_acc") == 0  # the first of equals
+    assert best_index(scores, "val_loss") == 1
+    assert gain_over_best_member(scores[2], scores[1]) == pytest.approx(0.7 - 0.9)
+
+
+def test_an_ensemble_of_a_val_loss_search_is_ranked_by_val_loss(
+        run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    loss_run = tmp_path / "loss-run"
+    loss_run.mkdir()
+    (loss_run / TRIALS_FILE).write_bytes((run / TRIALS_FILE).read_bytes())
+    (loss_run / SEARCH_FILE).write_text(json.dumps({"metric": "val_loss", "mode": "min"}))
+    main(["ensemble", str(loss_run), "--top", "3", "--method", "all", "--output",
+          str(tmp_path / "ens")])
+    out = capsys.readouterr().out
+    saved = json.loads((loss_run / ENSEMBLE_FILE).read_text())
+    # best_metric is read as a loss now: the trial that was worst by accuracy leads
+    assert [m["trial_id"] for m in saved["members"]] == ["t2", "t1", "t0"]
+    assert saved["metric"] == "val_loss"
+    lowest = min(saved["methods"], key=lambda row: row["val_loss"])
+    assert saved["method"] == lowest["method"]
+    best = min(saved["members"], key=lambda m: m["val_loss"])
+    assert saved["best_member"] == best["trial_id"]
+    assert saved["best_member_test_acc"] == best["test_acc"]
+    assert f"saved: {saved['method']}, the best val_loss" in out
+    assert f"over the best member ({best['trial_id']}, by val_loss)" in out
 
 
 def test_members_of_different_classes_are_refused(run: Path, tmp_path: Path,

@@ -10,13 +10,14 @@ agrees on one answer. A NaN or infinite value (a diverged epoch) is never best.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 # The metrics an epoch reports that can rank runs, with the direction that is better.
 METRIC_MODES = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 
 Row = TypeVar("Row", bound=Mapping[str, Any])
+T = TypeVar("T")
 
 
 def metric_mode(metric: str) -> str:
@@ -43,14 +44,19 @@ def is_better(value: Any, incumbent: Any, mode: str) -> bool:
     return value > incumbent if mode == "max" else value < incumbent
 
 
+def best_of(items: Iterable[T], value: Callable[[T], Any], mode: str) -> T | None:
+    """The item whose value is best; the first of equals. None when no value is finite."""
+    best: T | None = None
+    for item in items:
+        if is_better(value(item), None if best is None else value(best), mode):
+            best = item
+    return best
+
+
 def best_epoch_row(rows: Iterable[Row], metric: str, mode: str) -> Row | None:
     """The epoch row (with `epoch` and `metric`) with the best value; the earliest on ties.
     None when no row has a finite value."""
-    best: Row | None = None
-    for row in sorted(rows, key=lambda r: r["epoch"]):
-        if is_better(row.get(metric), None if best is None else best[metric], mode):
-            best = row
-    return best
+    return best_of(sorted(rows, key=lambda r: r["epoch"]), lambda r: r.get(metric), mode)
 
 
 def rank_trials(trials: Iterable[Row], metric_column: str, mode: str) -> list[Row]:
