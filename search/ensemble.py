@@ -32,13 +32,14 @@ from search.ensemble_evaluation import (
     scores_of_members,
 )
 from search.plots import confusion_matrices, png_bytes, write_plot
-from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, local_dir
+from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE
 from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
 from trainable.model import ImageClassifier
 from trainable.ranking import best_of, metric_mode
 from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
+from trainable.storage import local_dir
 
 
 def load_members(run: SearchRun, top: int) -> list[Member]:

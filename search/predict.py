@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from search.rundir import local_dir
 from trainable.data import IMAGE_EXTENSIONS, decode_image
 from trainable.errors import UserError
 from trainable.saved import Classifier, load_classifier
+from trainable.storage import local_dir
 
 
 def image_files(folder: Path) -> list[Path]:

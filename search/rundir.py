@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import json
 import posixpath
-import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ import pyarrow.parquet as pq
 
 from trainable.config import field_names, field_type
 from trainable.errors import UserError
+from trainable.storage import open_uri
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
@@ -96,19 +94,8 @@ class RunDir:
 
     @classmethod
     def open(cls, uri: str | Path) -> RunDir:
-        text = str(uri)
-        if "://" in text and "?" in text:
-            raise UserError(f"{text}: options in a storage URI (?...) are not supported; point "
-                            "at an S3-compatible endpoint with the environment variable "
-                            "AWS_ENDPOINT_URL")
-        if "://" in text:
-            try:
-                fs, path = pafs.FileSystem.from_uri(text)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise UserError(f"{text}: cannot open storage ({e})") from None
-        else:
-            fs, path = pafs.LocalFileSystem(), str(Path(text).resolve())
-        return cls(fs, path.rstrip("/"), text.rstrip("/"))
+        fs, path = open_uri(uri)
+        return cls(fs, path.rstrip("/"), str(uri).rstrip("/"))
 
     def join(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -162,28 +149,3 @@ class RunDir:
 
     def write_json(self, name: str, values: dict[str, Any]) -> None:
         self.write_text(name, json.dumps(values, indent=2, default=str) + "\n")
-
-
-@contextmanager
-def local_dir(location: str) -> Iterator[Path]:
-    """The directory `location` (a local path, or a URI of any pyarrow filesystem, such as a
-    trial checkpoint in s3://) on this disk: itself, or a copy deleted after the block. A
-    UserError raised in the block names `location`, not the copy."""
-    if "://" not in location:
-        if not Path(location).is_dir():
-            raise UserError(f"{location}: no such directory")
-        yield Path(location)
-        return
-    with tempfile.TemporaryDirectory(prefix="resnet-hpo-") as copy:
-        try:
-            fs, path = pafs.FileSystem.from_uri(location)
-            if fs.get_file_info(path).type != pafs.FileType.Directory:
-                raise UserError(f"{location}: no such directory")
-            pafs.copy_files(path, copy, source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-        except (OSError, pa.ArrowInvalid) as e:
-            raise UserError(f"{location}: cannot copy it to this machine ({e})") from None
-        try:
-            yield Path(copy)
-        except UserError as e:
-            raise UserError(str(e).replace(copy, location)) from None

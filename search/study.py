@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from search.rundir import STUDY_FILE, STUDY_NAME, RunDir
 from trainable.errors import UserError
+from trainable.storage import LOCAL, copy_file, replace_file
 
 if TYPE_CHECKING:
     from spaces import SearchSpace
@@ -71,20 +73,20 @@ def pull_journal(run: RunDir) -> None:
     starts with it (the journal only grows: the longer one is the newer)."""
     if run.local_path() is not None or not run.exists(STUDY_FILE):
         return
-    with run.fs.open_input_stream(run.join(STUDY_FILE)) as f:
-        remote = f.read()
     local = journal_path(run)
-    if local.exists() and local.read_bytes().startswith(remote):
-        return
     local.parent.mkdir(parents=True, exist_ok=True)
-    local.write_bytes(remote)
+    with tempfile.TemporaryDirectory(prefix=".pull-", dir=local.parent) as pulled:
+        remote = Path(pulled) / STUDY_FILE
+        copy_file(run.fs, run.join(STUDY_FILE), LOCAL, str(remote))
+        if not (local.exists() and local.read_bytes().startswith(remote.read_bytes())):
+            remote.replace(local)
 
 
 def push_journal(run: RunDir) -> None:
     """Copy the driver's journal into a remote run directory (a local one holds it)."""
     local = journal_path(run)
     if run.local_path() is None and local.exists():
-        run.write_bytes(STUDY_FILE, local.read_bytes())
+        replace_file(LOCAL, str(local), run.fs, run.join(STUDY_FILE))
 
 
 def check_journal(run: RunDir) -> None:

@@ -7,7 +7,6 @@ before Ray starts, and every error is one line naming the file and the key.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,9 @@ import yaml
 
 from trainable.config import (
     TrainConfig,
-    field_choices,
+    cast_value,
     field_names,
-    field_range,
     field_type,
-    range_text,
     read_yaml_mapping,
     unknown_key_message,
 )
@@ -289,7 +286,7 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise UserError(f"{where}: 'choices' must be a non-empty list")
-        cast = [_valid_value(where, name, c) for c in choices]
+        cast = [cast_value(name, c, where) for c in choices]
         return Param(name, optuna.distributions.CategoricalDistribution(cast), when)
     tp = field_type(name)
     wanted = {"float": (float,), "int": (int,)}[kind]
@@ -301,18 +298,17 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
     for key in ("low", "high"):
         if key not in spec:
             raise UserError(f"{where}: '{key}' is required for type {kind}")
-        bounds.append(_number(where, key, spec[key], tp))
+        bounds.append(cast_value(name, spec[key], f"{where}: '{key}'"))
     low, high = bounds
     if low >= high:
         raise UserError(f"{where}: low ({low:g}) must be < high ({high:g})")
-    for value in (low, high):
-        _valid_value(where, name, value)
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise UserError(f"{where}: 'log' must be true or false, got {log!r}")
     if log and low <= 0:
         raise UserError(f"{where}: log scale needs low > 0, got {low:g}")
-    step = _number(where, "step", spec["step"], tp) if "step" in spec else None
+    step = (cast_value(name, spec["step"], f"{where}: 'step'", check_range=False)
+            if "step" in spec else None)
     if step is not None and (step <= 0 or log):
         raise UserError(f"{where}: 'step' must be > 0 and cannot be combined with log")
     if kind == "float":
@@ -320,43 +316,6 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
                      when)
     return Param(name, optuna.distributions.IntDistribution(low, high, log=log, step=step or 1),
                  when)
-
-
-def _number(where: str, key: str, value: Any, tp: type) -> Any:
-    """PyYAML reads `1e-3` as a string; accept it, reject anything that is not a number."""
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        number = float(value)
-        if not math.isfinite(number) or (tp is int and number != int(number)):
-            raise ValueError
-    except (TypeError, ValueError):
-        kind = "an integer" if tp is int else "a number"
-        raise UserError(f"{where}: '{key}' must be {kind}, got {value!r}") from None
-    return int(number) if tp is int else number
-
-
-def _valid_value(where: str, name: str, value: Any) -> Any:
-    """A value the config key accepts (cast as TrainConfig casts it)."""
-    try:
-        return getattr(TrainConfig.from_dict({name: value, **_companions(name, value)}), name)
-    except UserError as e:
-        detail = str(e).split(": ", 1)[-1]
-        choices = field_choices(name)
-        allowed = ", ".join(choices) if choices else (range_text(name) if field_range(name) else "")
-        raise UserError(f"{where}: {detail}" + (f" (allowed: {allowed})" if allowed and
-                                                 "allowed" not in detail else "")) from None
-
-
-def _companions(name: str, value: Any) -> dict[str, Any]:
-    """Other keys that must move so one value can be checked alone (min_lr <= lr, ...)."""
-    if name == "lr":
-        return {"min_lr": 0.0}
-    if name == "min_lr":
-        return {"lr": 10.0}
-    if name == "warmup_epochs":
-        return {"epochs": 100_000}
-    return {}
 
 
 def _when(src: str, name: str, when: Any) -> dict[str, tuple[Any, ...]]:

@@ -23,6 +23,7 @@ def test_from_dict_casts_yaml_and_cli_scalars() -> None:
     ({"unfreeze_depth": 6}, "config key 'unfreeze_depth': must be in [0, 5], got 6"),
     ({"optimizer": "adam"}, "config key 'optimizer': must be one of sgd, adamw, got 'adam'"),
     ({"epochs": 2.5}, "config key 'epochs': must be an integer, got 2.5"),
+    ({"epochs": float("inf")}, "config key 'epochs': must be an integer, got inf"),
     ({"lr": "fast"}, "config key 'lr': must be a finite number, got 'fast'"),
     ({"nesterov": "maybe"}, "config key 'nesterov': must be true or false, got 'maybe'"),
     ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),

@@ -147,15 +147,15 @@ def test_a_node_fetches_published_data_once_while_its_trials_wait(
     assert published.published(str(run)) == published  # a second publish changes nothing
 
     monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path / "other-node"))
-    transfer = trainable.data_file._transfer
+    copy_file = trainable.data_file.copy_file
     fetched: list[str] = []
 
-    def slow_transfer(*args: Any) -> None:
+    def slow_copy_file(*args: Any, **kwargs: Any) -> None:
         fetched.append(args[1])
         time.sleep(0.2)  # the other trials arrive while the first one fetches
-        transfer(*args)
+        copy_file(*args, **kwargs)
 
-    monkeypatch.setattr(trainable.data_file, "_transfer", slow_transfer)
+    monkeypatch.setattr(trainable.data_file, "copy_file", slow_copy_file)
     results: list[Any] = []
     trials = [threading.Thread(target=lambda: results.append(published.open()))
               for _ in range(4)]

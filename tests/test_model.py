@@ -98,7 +98,7 @@ def test_imagenet_weights_file_into_cifar_stem_keeps_the_rest(resnet18_weights_f
 
 
 @pytest.mark.parametrize("content, message", [
-    ("not a pickle", "not a loadable PyTorch state dict"),
+    ("not a pickle", "not a loadable PyTorch file"),
     ({"conv1.weight": torch.zeros(64, 3, 7, 7)}, "not a ResNet18 state dict (missing"),
     ([1, 2, 3], "not a ResNet18 state dict (expected a mapping"),
 ])

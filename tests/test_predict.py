@@ -138,3 +138,12 @@ def test_user_errors(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         predict_command(str(empty), str(empty), str(tmp_path / "p.csv"))
     with pytest.raises(UserError, match="no such folder"):
         predict_command(str(model_dir), str(tmp_path / "missing"), str(tmp_path / "p.csv"))
+
+
+def test_a_cut_off_model_file_is_one_line_naming_it(model_dir: Path) -> None:
+    weights = model_dir / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError) as err:
+        load_classifier(model_dir)
+    assert str(err.value).startswith(f"{weights}: not a loadable PyTorch file (")
+    assert str(err.value).endswith("was it written by resnet-hpo and copied whole?")

@@ -38,7 +38,7 @@ def test_a_weights_file_with_code_is_refused_without_running_it(
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
     torch.save({"conv1.weight": Payload()}, path)
-    with pytest.raises(UserError, match="not a loadable PyTorch state dict"):
+    with pytest.raises(UserError, match="not a loadable PyTorch file"):
         build_model(TrainConfig(weights=str(path)), 10)
     assert not (tmp_path / SENTINEL).exists()
 

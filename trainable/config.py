@@ -84,10 +84,8 @@ class TrainConfig:
     seed: int = _field(0, "seed of initialisation, batch order and augmentation", 0, 2**31 - 1)
 
     def __post_init__(self) -> None:
-        hints = type_hints()
         for f in dataclasses.fields(self):
-            setattr(self, f.name, _cast(f.name, getattr(self, f.name), hints[f.name]))
-            _check_range(f.name, getattr(self, f.name))
+            setattr(self, f.name, cast_value(f.name, getattr(self, f.name)))
         if not self.data.strip():
             raise UserError("config key 'data': must not be empty; use digits, cifar10[:ROOT], "
                             "cifar100[:ROOT] or imagefolder:PATH")
@@ -172,60 +170,69 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
 
 
-def _cast(key: str, value: Any, tp: Any) -> Any:
-    """Cast YAML/CLI scalars (and numpy scalars from samplers) to the field's type."""
-    choices = get_args(tp) if getattr(tp, "__origin__", None) is Literal else None
+def cast_value(name: str, value: Any, label: str | None = None, *,
+               check_range: bool = True) -> Any:
+    """`value` as config key `name` holds it: a YAML/CLI scalar (or a sampler's numpy scalar)
+    cast to the key's type and checked against its choices and range. Anything else is one
+    UserError "LABEL: must be ..., got VALUE" (LABEL: config key 'NAME')."""
+    label = label or f"config key '{name}'"
+    tp = field_type(name)
+    choices = field_choices(name)
     if choices is not None:
         if value is False and "off" in choices:  # YAML 1.1 reads a bare `off` as false
             value = "off"
         if value not in choices:
-            raise UserError(f"config key '{key}': must be one of {', '.join(choices)}, "
-                            f"got {value!r}")
+            raise UserError(f"{label}: must be one of {', '.join(choices)}, got {value!r}")
         return value
+    if tp not in _KINDS:
+        raise TypeError(f"unsupported field type {tp} for {name}")
     try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE | _FALSE:
-                return text in _TRUE
+        cast = _cast_scalar(value, tp)
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{label}: must be {_KINDS[tp]}, got {value!r}") from None
+    if check_range and not _in_range(name, cast):
+        raise UserError(f"{label}: must be in {range_text(name)}, got {cast}")
+    return cast
+
+
+def _cast_scalar(value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool):
             raise ValueError
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value) if isinstance(value, str) else value
-            if float(number) != int(number):
-                raise ValueError
-            return int(number)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if tp is str:
-            if not isinstance(value, str | Path):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        kind = {bool: "true or false", int: "an integer", float: "a finite number",
-                str: "a string"}[tp]
-        raise UserError(f"config key '{key}': must be {kind}, got {value!r}") from None
-    raise TypeError(f"unsupported field type {tp} for {key}")
+        number = float(value) if isinstance(value, str) else value
+        if float(number) != int(number):
+            raise ValueError
+        return int(number)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if not isinstance(value, str | Path):  # tp is str
+        raise ValueError
+    return str(value)
 
 
-def _check_range(name: str, value: Any) -> None:
+def _in_range(name: str, value: Any) -> bool:
     bounds = field_range(name)
     if bounds is None:
-        return
+        return True
     low, high, low_open, high_open = bounds
     low_ok = value > low if low_open else value >= low
     high_ok = value < high if high_open else value <= high
-    if not (low_ok and high_ok):
-        raise UserError(f"config key '{name}': must be in {range_text(name)}, got {value}")
+    return bool(low_ok and high_ok)
 
 
 def _metadata(name: str) -> Any:

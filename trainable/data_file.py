@@ -26,16 +26,16 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 from tqdm import tqdm
 
 from trainable.errors import UserError
+from trainable.storage import LOCAL, copy_file, open_uri, replace_file
 
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
@@ -195,33 +195,13 @@ class Progress:
 
 
 # --- a run's storage: one copy per search, fetched once per node ---------------------------
+# Decoded files never change once complete, so a copy on the same disk is a hard link.
 
 def storage_location(run_uri: str, key: str) -> tuple[pafs.FileSystem, str, str]:
     """(filesystem, path, uri) of RUN/data/KEY, for a local path or any pyarrow URI."""
-    try:
-        fs, path = (pafs.FileSystem.from_uri(run_uri) if "://" in run_uri
-                    else (pafs.LocalFileSystem(), str(Path(run_uri).resolve())))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"{run_uri}: cannot open storage ({e})") from None
+    fs, path = open_uri(run_uri)
     return (fs, posixpath.join(path.rstrip("/"), RUN_DATA_DIR, key),
             posixpath.join(run_uri.rstrip("/"), RUN_DATA_DIR, key))
-
-
-def _transfer(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSystem,
-              target: str) -> None:
-    """Copy one file, streaming; a hard link where both ends are this machine's filesystem
-    (decoded files are never changed once complete, so sharing an inode is safe)."""
-    if isinstance(source_fs, pafs.LocalFileSystem) and isinstance(target_fs,
-                                                                 pafs.LocalFileSystem):
-        with suppress(FileNotFoundError):
-            os.unlink(target)
-        try:
-            os.link(source, target)
-            return
-        except OSError:  # another filesystem, or one without hard links
-            pass
-    pafs.copy_files(source, target, source_filesystem=source_fs,
-                    destination_filesystem=target_fs)
 
 
 def publish(directory: Path, run_uri: str, key: str) -> None:
@@ -230,12 +210,9 @@ def publish(directory: Path, run_uri: str, key: str) -> None:
     if fs.get_file_info(posixpath.join(target, META_FILE)).type == pafs.FileType.File:
         return
     fs.create_dir(target, recursive=True)
-    local = pafs.LocalFileSystem()
     for name in (IMAGES_FILE, LABELS_FILE):
-        _transfer(local, str(directory / name), fs, posixpath.join(target, name))
-    hidden_meta = posixpath.join(target, f".{META_FILE}.{uuid.uuid4().hex[:8]}.tmp")
-    _transfer(local, str(directory / META_FILE), fs, hidden_meta)
-    fs.move(hidden_meta, posixpath.join(target, META_FILE))
+        copy_file(LOCAL, str(directory / name), fs, posixpath.join(target, name), link=True)
+    replace_file(LOCAL, str(directory / META_FILE), fs, posixpath.join(target, META_FILE))
 
 
 def fetch(run_uri: str, key: str, directory: Path) -> None:
@@ -248,9 +225,8 @@ def fetch(run_uri: str, key: str, directory: Path) -> None:
     hidden = _hidden_sibling(directory)
     hidden.mkdir(parents=True)
     try:
-        local = pafs.LocalFileSystem()
         for name in (IMAGES_FILE, LABELS_FILE, META_FILE):
-            _transfer(fs, posixpath.join(source, name), local, str(hidden / name))
+            copy_file(fs, posixpath.join(source, name), LOCAL, str(hidden / name), link=True)
             with open(hidden / name, "rb") as file:
                 os.fsync(file.fileno())
         hidden.rename(directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,16 +131,21 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
             "--weights none") from None
 
 
+def load_torch_file(path: Path, advice: str, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load with weights_only=True, so nothing in the file runs. A missing file, or one
+    torch.save did not write, is one UserError naming it, then `advice`."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file; {advice}") from None
+    except Exception as e:  # unpickling errors come in many types
+        raise UserError(f"{path}: not a loadable PyTorch file ({type(e).__name__}); {advice}"
+                        ) from None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file: a plain one, or the `model` entry of a checkpoint of ours."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"weights file {path}: no such file; use a ResNet18 state-dict "
-                        "file, imagenet or none") from None
-    except Exception as e:  # unpickling errors come in many types
-        raise UserError(f"weights file {path}: not a loadable PyTorch state dict "
-                        f"({type(e).__name__})") from None
+    state = load_torch_file(path, "use a ResNet18 state-dict file, imagenet or none")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)

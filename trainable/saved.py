@@ -24,7 +24,7 @@ from torchvision.models import ResNet
 from trainable.config import TrainConfig, read_yaml_mapping
 from trainable.errors import UserError
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
-from trainable.model import ImageClassifier, build_model
+from trainable.model import ImageClassifier, build_model, load_torch_file
 from trainable.ranking import best_epoch_row, metric_mode
 
 CONFIG_FILE = "config.yaml"
@@ -36,6 +36,7 @@ ENSEMBLE_CONFIG_FILE = "ensemble.yaml"
 ENSEMBLE_WEIGHTS_FILE = "ensemble.pt"
 MODEL_ONNX_FILE = "model.onnx"
 ENSEMBLE_ONNX_FILE = "ensemble.onnx"
+_COPIED_WHOLE = "was it written by resnet-hpo and copied whole?"  # advice on an unreadable file
 
 
 @dataclass
@@ -68,14 +69,6 @@ def _require(directory: Path, names: tuple[str, ...], what: str) -> None:
     for name in names:
         if not (directory / name).is_file():
             raise UserError(f"{directory}: not {what} (no {name})")
-
-
-def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # unpickling errors come in many types
-        raise UserError(f"{path}: not a readable PyTorch file ({type(e).__name__}); was it "
-                        "written by resnet-hpo and copied whole?") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -129,7 +122,8 @@ def load_model_dir(directory: Path) -> SavedModel:
     names = _class_names(_field(metrics, "class_names", directory / METRICS_FILE),
                          directory / METRICS_FILE)
     model = build_model(cfg.replace(weights="none"), len(names))
-    _load_weights(model, _torch_load(directory / MODEL_FILE), directory / MODEL_FILE)
+    _load_weights(model, load_torch_file(directory / MODEL_FILE, _COPIED_WHOLE),
+                  directory / MODEL_FILE)
     return SavedModel(cfg, model.eval(), names, metrics)
 
 
@@ -146,7 +140,7 @@ def write_checkpoint(directory: Path, cfg: TrainConfig, state: dict[str, Any]) -
 def read_checkpoint(directory: Path, map_location: str | torch.device = "cpu"
                     ) -> dict[str, Any]:
     _require(directory, (CONFIG_FILE, CHECKPOINT_FILE), "a trial checkpoint")
-    state = _torch_load(directory / CHECKPOINT_FILE, map_location)
+    state = load_torch_file(directory / CHECKPOINT_FILE, _COPIED_WHOLE, map_location)
     for key in ("model", "optimizer", "scaler", "best_model", "epoch", "history",
                 "class_names"):
         _field(state, key, directory / CHECKPOINT_FILE)
@@ -214,7 +208,7 @@ def load_ensemble_dir(directory: Path) -> SavedEnsemble:
     spec = EnsembleSpec(method, _class_names(_field(values, "class_names", path), path),
                         trial_ids, configs)
     module = spec.build()
-    _load_weights(module, _torch_load(directory / ENSEMBLE_WEIGHTS_FILE),
+    _load_weights(module, load_torch_file(directory / ENSEMBLE_WEIGHTS_FILE, _COPIED_WHOLE),
                   directory / ENSEMBLE_WEIGHTS_FILE)
     metrics = (_read_json(directory / METRICS_FILE) if (directory / METRICS_FILE).is_file()
                else {})
