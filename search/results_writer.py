@@ -30,6 +30,7 @@ from search.study import push_journal
 from trainable.config import TrainConfig
 from trainable.ranking import best_epoch_row
 from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs
+from trainable.storage import is_uri
 
 FLUSH_EVERY_S = 10.0
 EPOCH_COLUMNS = tuple(epochs_schema().names)
@@ -120,7 +121,7 @@ class ResultsWriter(tune.Callback):
         self.flush()
 
     def _uri(self, path: str) -> str:
-        if "://" in self.run_uri:
+        if is_uri(self.run_uri):
             return f"{self.run_uri.split('://', 1)[0]}://{path}"
         return path
 

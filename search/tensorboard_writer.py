@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 from ray.tune.experiment import Trial
@@ -32,6 +31,7 @@ from spaces.space import Param
 from trainable.config import TrainConfig
 from trainable.data import cache_dir
 from trainable.ranking import objective_name
+from trainable.storage import upload_dir
 
 
 def metric_tags(metric: str) -> list[str]:
@@ -128,6 +128,4 @@ class TensorBoardWriter(tune.Callback):
     def _upload(self) -> None:
         run = RunDir.open(self.run_uri)
         if run.local_path() is None and self.logdir.exists():
-            pafs.copy_files(str(self.logdir), run.join(TENSORBOARD_DIR),
-                            source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=run.fs)
+            upload_dir(self.logdir, run.fs, run.join(TENSORBOARD_DIR))

@@ -71,6 +71,13 @@ def replace_file(source_fs: pafs.FileSystem, source: str, target_fs: pafs.FileSy
     target_fs.move(hidden, target)
 
 
+def upload_dir(directory: Path, target_fs: pafs.FileSystem, target: str) -> None:
+    """Copy a directory of this disk, with everything in it, to `target` (files there that
+    the directory also has are replaced)."""
+    pafs.copy_files(str(directory), target, source_filesystem=LOCAL,
+                    destination_filesystem=target_fs)
+
+
 @contextmanager
 def local_dir(location: str) -> Iterator[Path]:
     """The directory `location` (a local path, or a URI of any pyarrow filesystem, such as a
