@@ -36,7 +36,7 @@ from benchmarks.common import (
     resolve_device,
     synthetic_dataset,
 )
-from trainable import TrainConfig, fit
+from trainable import TrainConfig, configure_torch, fit
 
 NUM_CLASSES = 10
 RESULT_TIMEOUT_S = 1800  # per process; a trial that long means something is stuck
@@ -130,6 +130,7 @@ def next_result(results: Any, processes: list[Any]) -> TrialTiming:
 
 def trial_process(rank: int, settings: dict[str, Any], barrier: Barrier, results: Any) -> None:
     """One trial: load data, start the device, wait for the others, then `fit`."""
+    configure_torch()
     torch.set_num_threads(settings["threads"])
     device = torch.device(settings["device"])
     n_train = settings["steps"] * settings["batch_size"]

@@ -46,7 +46,7 @@ from benchmarks.common import (
     resolve_device,
     write_image_tree,
 )
-from trainable import Dataset, TrainConfig, fit, load_dataset
+from trainable import Dataset, TrainConfig, configure_torch, fit, load_dataset
 from trainable.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -57,7 +57,7 @@ from trainable.augment import (
     soft_targets,
 )
 from trainable.device_images import DeviceImages
-from trainable.train import Runtime
+from trainable.runtime import Runtime
 
 NUM_CLASSES = 10
 # Dense bf16 tensor-core peaks from the vendor's data sheets, by device-name substring.
@@ -94,6 +94,7 @@ class Measurement:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_torch()
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -267,6 +267,9 @@ def configure_process() -> None:
     Idempotent, since tests call `main` many times in one process."""
     import optuna
 
+    from trainable.runtime import configure_torch
+
+    configure_torch()
     warnings.formatwarning = lambda message, category, *_: f"resnet-hpo: warning: {message}\n"
     # Optuna logs every study it creates, and warns that samplers make_sampler builds on
     # purpose (multivariate TPE with constant_liar, QMC, GP) are experimental.

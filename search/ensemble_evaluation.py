@@ -33,8 +33,9 @@ from trainable.fusion import (
     stack_features,
 )
 from trainable.model import Backbone
+from trainable.runtime import Runtime
 from trainable.saved import SavedModel
-from trainable.train import Runtime, predict_outputs
+from trainable.train import predict_outputs
 
 CV_MAX_FOLDS = 5
 WEIGHTS_MAX_ITER = 200

@@ -10,8 +10,9 @@ from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
 from trainable.device_images import DeviceImages
 from trainable.errors import UserError
+from trainable.runtime import Runtime
 from trainable.saved import MODEL_FILE, MODEL_ONNX_FILE, save_model_dir
-from trainable.train import Runtime, SaveCheckpoint, evaluate
+from trainable.train import SaveCheckpoint, evaluate
 
 
 def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:

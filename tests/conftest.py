@@ -17,9 +17,15 @@ import torch
 from PIL import Image
 from torchvision.models import resnet18
 
-from trainable import Dataset, Split
+from trainable import Dataset, Split, configure_torch
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _torch_configured() -> None:
+    """The tests call `fit` directly, so they set up torch as the CLI and a trial do."""
+    configure_torch()
 
 
 @pytest.fixture(autouse=True)

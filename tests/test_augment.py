@@ -3,14 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainable.augment import (
-    crop_and_flip,
-    mix,
-    normalize,
-    resize,
-    soft_cross_entropy,
-    soft_targets,
-)
+from trainable.augment import crop_and_flip, mix, normalize, resize, soft_targets
 from trainable.schedule import lr_factor
 
 
@@ -68,11 +61,20 @@ def test_normalize_uses_imagenet_statistics() -> None:
     assert normalize(x)[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-5)
 
 
-def test_soft_cross_entropy_equals_hard_cross_entropy_on_one_hot_targets() -> None:
-    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 2, 1, 0])
-    expected = torch.nn.functional.cross_entropy(logits, labels)
-    assert soft_cross_entropy(logits, soft_targets(labels, 4, 0.0)).item() == pytest.approx(
-        expected.item(), rel=1e-6)
+def test_cross_entropy_of_smoothed_and_mixed_targets_is_the_soft_target_formula() -> None:
+    # training passes class probabilities to F.cross_entropy: the mean over the batch of
+    # -sum(target * log_softmax), also for the bf16 logits of CPU autocast
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)) * 3
+    labels = torch.tensor([0, 3, 2, 1, 0, 2])
+    smoothed = soft_targets(labels, 4, 0.1)
+    targets = 0.6 * smoothed + 0.4 * smoothed.flip(0)  # as `mix` mixes them
+    expected = -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+    assert F.cross_entropy(logits, targets).item() == pytest.approx(expected.item(), abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(logits.bfloat16(), targets)
+    expected = -(targets * F.log_softmax(logits.bfloat16().float(), dim=1)).sum(1).mean()
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_warmup_is_linear_per_step_then_cosine_to_min_lr() -> None:

@@ -40,8 +40,9 @@ from trainable.fusion import (
     WeightedAverage,
 )
 from trainable.model import ImageClassifier, build_model
+from trainable.runtime import Runtime
 from trainable.saved import load_ensemble_dir
-from trainable.train import Runtime, SaveCheckpoint, evaluate
+from trainable.train import SaveCheckpoint, evaluate
 
 # (trial_id, search metric, config changes): members differ in resolution and stem.
 MEMBERS: list[tuple[str, float, dict[str, Any]]] = [

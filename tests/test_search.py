@@ -33,8 +33,9 @@ from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
 from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.model import ImageClassifier
+from trainable.runtime import Runtime
 from trainable.saved import load_checkpoint_dir, load_classifier, load_ensemble_dir
-from trainable.train import Runtime, evaluate
+from trainable.train import evaluate
 
 pytestmark = pytest.mark.ray
 

@@ -12,8 +12,9 @@ from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, 
 from trainable.augment import normalize
 from trainable.device_images import DeviceImages
 from trainable.model import ImageClassifier, build_model
+from trainable.runtime import Runtime
 from trainable.saved import CHECKPOINT_FILE
-from trainable.train import Runtime, SaveCheckpoint, predict_outputs
+from trainable.train import SaveCheckpoint, predict_outputs
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",
                "epoch_time_s"}
@@ -172,8 +173,14 @@ def test_a_run_below_the_decoded_resolution_trains_and_evaluates_resized_batches
 
 def test_nan_loss_raises_training_diverged(tiny: Dataset,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(train_module, "soft_cross_entropy",
-                        lambda logits, targets: logits.float().sum() * float("nan"))
+    build = train_module.build_model
+
+    def nan_logits_build(*args: Any) -> torch.nn.Module:
+        model = build(*args)
+        model.fc.register_forward_hook(lambda m, i, out: out * float("nan"))
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", nan_logits_build)
     with pytest.raises(TrainingDiverged, match="training loss became nan in epoch 1"):
         fit(tiny_config(), data=tiny)
 

@@ -1,4 +1,5 @@
-"""One ResNet18 fine-tuning run, usable without Ray: `fit(TrainConfig(...), report)`.
+"""One ResNet18 fine-tuning run, usable without Ray: `configure_torch()` once per process,
+then `fit(TrainConfig(...), report)`.
 
 The names that need torch load on first use (PEP 562), so that `import trainable.config`
 (the CLI's flags, the space loader) does not import torch.
@@ -14,13 +15,15 @@ if TYPE_CHECKING:
     from trainable.data import Dataset as Dataset
     from trainable.data import Split as Split
     from trainable.data import load_dataset as load_dataset
+    from trainable.runtime import configure_torch as configure_torch
     from trainable.train import FitResult as FitResult
     from trainable.train import TrainingDiverged as TrainingDiverged
     from trainable.train import fit as fit
 
 _TORCH_MODULE_OF = {"Dataset": "trainable.data", "Split": "trainable.data",
-                    "load_dataset": "trainable.data", "FitResult": "trainable.train",
-                    "TrainingDiverged": "trainable.train", "fit": "trainable.train"}
+                    "load_dataset": "trainable.data", "configure_torch": "trainable.runtime",
+                    "FitResult": "trainable.train", "TrainingDiverged": "trainable.train",
+                    "fit": "trainable.train"}
 
 
 def __getattr__(name: str) -> Any:

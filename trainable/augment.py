@@ -132,7 +132,3 @@ def mix(x: torch.Tensor, targets: torch.Tensor, mixup_alpha: float, cutmix_alpha
     else:
         x = x * lam + partner * (1 - lam)
     return x, targets * lam + targets.flip(0) * (1 - lam)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()

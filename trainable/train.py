@@ -3,8 +3,8 @@ benchmarks all call. It knows nothing of Ray: the Tune adapter passes a `report`
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -18,22 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
 
-from trainable.augment import (
-    crop_and_flip,
-    mix,
-    normalize,
-    resize,
-    resolve_crop,
-    resolve_flip,
-    soft_cross_entropy,
-    soft_targets,
-)
+from trainable.augment import crop_and_flip, mix, resolve_crop, resolve_flip, soft_targets
 from trainable.config import TrainConfig
 from trainable.data import Dataset, load_dataset
 from trainable.device_images import DeviceImages, resident_budget
 from trainable.errors import UserError
 from trainable.model import build_model, build_optimizer, set_train_mode
 from trainable.ranking import best_epoch_row, is_better, metric_mode
+from trainable.runtime import Runtime
 from trainable.saved import read_checkpoint, write_checkpoint
 from trainable.schedule import lr_factor
 
@@ -59,42 +51,12 @@ class FitResult:
         return self.history[self.best_epoch - 1] if self.best_epoch else {}
 
 
-@dataclass
-class Runtime:
-    """How a run executes, derived from the config and the device: where, in what precision
-    and memory format, and the side length its model sees."""
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    resolution: int
-
-    @classmethod
-    def for_config(cls, cfg: TrainConfig, device: str | torch.device | None = None) -> Runtime:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.amp == "fp16" and dev.type != "cuda":
-            raise UserError("config key 'amp': fp16 needs CUDA; use bf16 or off on the CPU")
-        amp = {"auto": "bf16" if dev.type == "cuda" else "off"}.get(cfg.amp, cfg.amp)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-        return cls(dev, dtype, cfg.channels_last and dev.type == "cuda", cfg.resolution)
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def prepare(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """uint8 batch on the device -> normalised float input in the model's memory format,
-        resized to the run's resolution where the data was decoded larger (a search that
-        searches `resolution` decodes once, at the largest)."""
-        x = normalize(resize(images_uint8, self.resolution))
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
 def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None = None,
         device: str | torch.device | None = None, resume_from: Path | None = None,
         gpu_share: float = 1.0) -> FitResult:
     """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch.
-    `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU)."""
+    `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU). The process
+    should have called `trainable.configure_torch()` first."""
     rt = Runtime.for_config(cfg, device)
     if data is None:
         data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
@@ -102,12 +64,6 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
                         f"the config asks for {cfg.resolution}px; a run can only use that "
                         "resolution or a smaller one")
-    if rt.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    else:
-        # Weights, gradients and momentum can underflow into denormal floats, which x86 CPUs
-        # compute far slower: one digits epoch at 16px, batch 16, took 125 s, 7.5 s flushed.
-        torch.set_flush_denormal(True)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes).to(rt.device)
     if rt.channels_last:
@@ -132,13 +88,6 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         best = best_epoch_row(result.history, cfg.metric, mode)
         result.best_epoch = int(best["epoch"]) if best else 0
 
-    def save_checkpoint(directory: Path) -> None:
-        write_checkpoint(directory, cfg, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "best_model": best_state, "epoch": epoch + 1,
-            "history": result.history,
-            "class_names": data.class_names})
-
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train, cfg,
@@ -149,12 +98,13 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
                    "epoch_time_s": time.perf_counter() - start}
         if is_better(metrics[cfg.metric], result.best.get(cfg.metric), mode):
             best_state = copy.deepcopy(model.state_dict())
-            result.history.append(metrics)
             result.best_epoch = epoch + 1
-        else:
-            result.history.append(metrics)
+        result.history.append(metrics)
         if report is not None:
-            report(metrics, save_checkpoint)
+            report(metrics, functools.partial(
+                save_checkpoint, cfg=cfg, epochs_done=epoch + 1, model=model,
+                optimizer=optimizer, scaler=scaler, best_state=best_state,
+                history=result.history, class_names=data.class_names))
         patience = cfg.early_stop_patience
         if patience and epoch + 1 - result.best_epoch >= patience:
             break
@@ -162,39 +112,41 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     return result
 
 
+def save_checkpoint(directory: Path, *, cfg: TrainConfig, epochs_done: int, model: nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    best_state: dict[str, Any], history: list[dict[str, float]],
+                    class_names: list[str]) -> None:
+    """What `fit(resume_from=directory)` continues from after `epochs_done` epochs."""
+    write_checkpoint(directory, cfg, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(), "best_model": best_state, "epoch": epochs_done,
+        "history": history, "class_names": class_names})
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, images: DeviceImages, cfg: TrainConfig,
                     rt: Runtime, epoch: int, data: Dataset) -> tuple[float, float, float]:
     """One pass over the training split; returns (mean loss, last head lr, images/s)."""
     set_train_mode(model, True)
-    # Batch order, crops and mixing derive from (seed, epoch) alone, so a run resumed from
-    # a checkpoint continues exactly as it would have.
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(
-        cfg.seed * 100_003 + epoch)).to(images.index_device)  # one copy an epoch, not a step
-    batch_size = min(cfg.batch_size, len(images))
-    micro_batches = len(images) // batch_size  # the ragged last batch is dropped
-    batch_indices = order[:micro_batches * batch_size].view(micro_batches, batch_size)
-    device_gen = torch.Generator(rt.device).manual_seed(cfg.seed * 100_003 + epoch)
-    mix_rng = np.random.default_rng([cfg.seed, epoch])
+    seed = epoch_seed(cfg.seed, epoch)
+    batch_indices = shuffled_batches(images, cfg.batch_size, seed)
+    micro_batches, batch_size = batch_indices.shape
     steps = math.ceil(micro_batches / cfg.accumulate_steps)
-    warmup_steps = round(cfg.warmup_epochs * steps)
-    crop = resolve_crop(cfg.crop, cfg.resolution)
-    hflip = resolve_flip(cfg.flip, data.source)
+    crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
+    device_gen = torch.Generator(rt.device).manual_seed(seed)
+    mix_rng = np.random.default_rng([cfg.seed, epoch])
     loss_sum = torch.zeros((), device=rt.device)
-    factor = 1.0
+    lr = cfg.lr
     start = time.perf_counter()
     for i, (uint8, labels) in enumerate(images.batches(batch_indices)):
         step, micro = divmod(i, cfg.accumulate_steps)
         if micro == 0:
-            factor = lr_factor(epoch * steps + step, warmup_steps, cfg.epochs * steps,
-                               cfg.min_lr / cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * factor
+            lr = set_lr(optimizer, cfg, epoch * steps + step, steps)
         x = crop_and_flip(rt.prepare(uint8), crop, hflip, device_gen)
         x, targets = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
                          cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
         with rt.autocast():
-            loss = soft_cross_entropy(model(x), targets)
+            loss = F.cross_entropy(model(x), targets)
         accumulate = min(cfg.accumulate_steps, micro_batches - step * cfg.accumulate_steps)
         scaler.scale(loss / accumulate).backward()
         loss_sum += loss.detach()
@@ -206,9 +158,36 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             mean_loss = loss_sum.item() / (i + 1)
             if not math.isfinite(mean_loss):
                 raise TrainingDiverged(f"training loss became {mean_loss} in epoch {epoch + 1} "
-                                       f"(lr {cfg.lr * factor:.3g}); lower lr or use amp bf16")
+                                       f"(lr {lr:.3g}); lower lr or use amp bf16")
     elapsed = time.perf_counter() - start  # the .item() above waited for the device
-    return loss_sum.item() / micro_batches, cfg.lr * factor, micro_batches * batch_size / elapsed
+    return loss_sum.item() / micro_batches, lr, micro_batches * batch_size / elapsed
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's batch order and crops. They (and the mixing) derive from
+    (seed, epoch) alone, so a run resumed from a checkpoint continues exactly as it would
+    have."""
+    return seed * 100_003 + epoch
+
+
+def shuffled_batches(images: DeviceImages, batch_size: int, seed: int) -> torch.Tensor:
+    """Batches x batch size: the indices of an epoch's batches in a random order; the ragged
+    last batch is dropped."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    batch_size = min(batch_size, len(images))
+    batches = len(images) // batch_size
+    # one copy to the device an epoch, not one a step
+    return order[:batches * batch_size].view(batches, batch_size).to(images.index_device)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
+           steps_per_epoch: int) -> float:
+    """Sets every group's lr before optimizer step `step` of the run; returns the head's."""
+    factor = lr_factor(step, round(cfg.warmup_epochs * steps_per_epoch),
+                       cfg.epochs * steps_per_epoch, cfg.min_lr / cfg.lr)
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * group["lr_scale"] * factor
+    return cfg.lr * factor
 
 
 @torch.no_grad()

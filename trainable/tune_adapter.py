@@ -21,6 +21,7 @@ from ray import tune
 from trainable.config import TrainConfig
 from trainable.data import DecodedData
 from trainable.ranking import best_epoch_row, metric_mode, objective_name
+from trainable.runtime import configure_torch
 from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs, write_trial_epochs
 from trainable.train import SaveCheckpoint, TrainingDiverged, fit
 
@@ -28,6 +29,7 @@ from trainable.train import SaveCheckpoint, TrainingDiverged, fit
 def train_trial(config: dict[str, Any], data: DecodedData) -> None:
     """A Tune function trainable. `data` says where the decoded file is: the trial maps this
     node's copy, which the first trial of a node fetches from the run's storage."""
+    configure_torch()
     cfg = TrainConfig.from_dict(config)
     metric, objective = cfg.metric, objective_name(cfg.metric)
     node_id = ray.get_runtime_context().get_node_id()
