@@ -21,6 +21,7 @@ from trainable.errors import UserError
 ENSEMBLE_METHODS = ("average", "vote", "weighted", "stack", "concat")
 DEVICE_HELP = "cuda, cuda:1 or cpu (default: cuda if available)"
 RUN_HELP = "run directory of a search (STORAGE/NAME)"
+MODEL_COMMANDS = ("train", "ensemble", "predict")  # they run models in this process
 
 
 def add_config_flags(parser: argparse.ArgumentParser, title: str = "hyperparameters (override "
@@ -262,14 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- the process ---------------------------------------------------------------------------
 
-def configure_process() -> None:
+def configure_process(command: str) -> None:
     """Everything process-wide the commands rely on, set here and nowhere in library code.
     Idempotent, since tests call `main` many times in one process."""
     import optuna
 
-    from trainable.runtime import configure_torch
+    if command in MODEL_COMMANDS:  # the others never import torch (about 2 s)
+        from trainable.runtime import configure_torch
 
-    configure_torch()
+        configure_torch()
     warnings.formatwarning = lambda message, category, *_: f"resnet-hpo: warning: {message}\n"
     # Optuna logs every study it creates, and warns that samplers make_sampler builds on
     # purpose (multivariate TPE with constant_liar, QMC, GP) are experimental.
@@ -285,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["resnet-hpo", *argv])
-    configure_process()
+    configure_process(args.command)
     try:
         args.run(args)
     except UserError as e:
