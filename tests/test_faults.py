@@ -98,7 +98,11 @@ search:
 @pytest.mark.slow
 def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_on(
         tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import optuna
+
     from search.cli import main
+    from search.rundir import STUDY_NAME
+    from search.study import TRIAL_ID_ATTR, open_storage
 
     main(["search", "--space", str(space_file(tmp_path, FAULTS_SPACE)), "--data",
           tiny_images(tmp_path), "--trials", "3", "--seed", "11", "--storage", str(tmp_path),
@@ -124,6 +128,11 @@ def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_o
 
     assert sound.status == "TERMINATED" and sound.epochs_run == 1
     assert f"best trial {sound.name}" in out
+    # the study: no running best to tell for a failed trial, the diverged one's is NaN
+    study = optuna.load_study(study_name=STUDY_NAME,
+                              storage=open_storage(RunDir.open(tmp_path / "f")))
+    assert {t.user_attrs[TRIAL_ID_ATTR]: t.state.name for t in study.trials} == {
+        raising.name: "FAIL", diverging.name: "FAIL", sound.name: "COMPLETE"}
 
 
 def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> None:
