@@ -1,48 +1,93 @@
-"""The search's Tune searcher: Ray's OptunaSearch on the run's study (search/study.py)."""
+"""The search's Tune searcher: Optuna's ask and tell on the run's study (search/study.py)."""
 
 from __future__ import annotations
 
+import math
+import pickle
 from typing import Any
 
-from ray.tune.search.optuna import OptunaSearch
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
 from search.study import TRIAL_ID_ATTR
+from spaces import DefineByRun
 
 EPOCH = "epoch"  # the step of a trial's intermediate values: the epoch its result is for
 
 
-class StudySearch(OptunaSearch):
-    """OptunaSearch that names each study trial after its Tune trial, and records every epoch
-    a trial reports as the trial's intermediate value at step = epoch, once.
+class StudySearch(Searcher):
+    """Each Tune trial is a study trial asked of the sampler (enqueued warm-start configs
+    first), named after the Tune trial (TRIAL_ID_ATTR); every epoch a trial reports is its
+    intermediate value at step = epoch, once; at its end it is told the metric of its last
+    result, its running best.
 
-    OptunaSearch reports only the results Tune passes to on_trial_result, and Tune passes a
-    result on which the scheduler stops the trial (ASHA at a rung or at max_epochs) to
-    on_trial_complete alone: that epoch would be missing from the study's learning curves.
-    An epoch the study holds already (run again from a checkpoint after a restore), and a
-    trial the study has finished (told before a kill, run again from its checkpoint because
-    Tune's saved state is older), are left as they are."""
+    Tune passes a result on which the scheduler stops the trial (ASHA at a rung or at
+    max_epochs) to on_trial_complete alone, so that is recorded too. The journal, not this
+    searcher's saved state, says what the study holds: an epoch it holds already (run again
+    from a checkpoint after a restore) and a trial it has finished (told before a kill, run
+    again because Tune's saved state is older) are left as they are.
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        new = trial_id not in self._ot_trials
-        config = super().suggest(trial_id)
-        if new:
-            self._ot_trials[trial_id].set_user_attr(TRIAL_ID_ATTR, trial_id)
-        return config
+    Tune saves the searcher with pickle: the study's storage reopens the run's journal and
+    its sampler keeps its random state. Each Tune trial's optuna.Trial is kept with it, as
+    Optuna reopens no running trial through its public API."""
+
+    def __init__(self, space: DefineByRun, metric: str, mode: str,
+                 storage: str | optuna.storages.BaseStorage | None = None,
+                 study_name: str | None = None,
+                 sampler: optuna.samplers.BaseSampler | None = None):
+        super().__init__(metric=metric, mode=mode)
+        self.space = space
+        self.study = optuna.create_study(
+            storage=storage, sampler=sampler, pruner=optuna.pruners.NopPruner(),
+            study_name=study_name, load_if_exists=True,
+            direction="maximize" if mode == "max" else "minimize")
+        self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its study trial
+
+    def suggest(self, trial_id: str) -> dict[str, Any]:
+        trial = self.study.ask()
+        trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        self.trials[trial_id] = trial
+        return self.space(trial)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        self.record_epoch(trial_id, result)
+        self.record_epoch(self.trials[trial_id], result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
+        trial, result = self.trials[trial_id], result or {}
         if result:
-            self.record_epoch(trial_id, result)
-        super().on_trial_complete(trial_id, result, error)
+            self.record_epoch(trial, result)
+        state = self.outcome(result, error)
+        self.study.tell(trial, result[self.metric] if state == TrialState.COMPLETE else None,
+                        state=state, skip_if_finished=True)
 
-    def record_epoch(self, trial_id: str, result: dict[str, Any]) -> None:
+    def outcome(self, result: dict[str, Any], error: bool) -> TrialState:
+        """What a trial that ended on `result` (empty: before its first) is told as; told
+        COMPLETE, its value is the result's metric, the trial's running best."""
+        value = result.get(self.metric)
+        if value is None:  # failed, or removed before its first result
+            return TrialState.FAIL if error else TrialState.PRUNED
+        if math.isnan(value):  # diverged in its first epoch: Optuna takes no NaN value
+            return TrialState.FAIL
+        return TrialState.COMPLETE  # a trial the scheduler stopped early too
+
+    def record_epoch(self, trial: optuna.Trial, result: dict[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get(EPOCH)
-        if value is None or epoch is None or trial_id in self._completed_trials:
+        if value is None or epoch is None:
             return
-        trial = self._ot_trials[trial_id]
-        stored = trial.storage.get_trial(trial._trial_id)  # the journal, not a pickled copy
+        stored = self.stored(trial)
         if not stored.state.is_finished() and epoch not in stored.intermediate_values:
             trial.report(value, epoch)
+
+    def stored(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+        """The trial as the journal holds it now (a restored Trial caches an older copy)."""
+        return self.study.get_trials(deepcopy=False)[trial.number]
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))

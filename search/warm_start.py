@@ -66,12 +66,24 @@ def _read(run: RunDir, name: str) -> list[dict[str, Any]]:
                         ) from None
 
 
-def _fits(value: Any, d: BaseDistribution) -> bool:
-    """Whether Optuna accepts the value for the distribution (range, step grid, choices)."""
+def fits(value: Any, d: BaseDistribution) -> bool:
+    """Whether the value lies in the distribution as Optuna checks it: one of its choices, or
+    a number in its range on its step grid."""
     try:
-        return bool(d._contains(d.to_internal_repr(value)))
+        internal = d.to_internal_repr(value)  # ValueError: no choice, no number, NaN, <= 0 on log
     except (TypeError, ValueError):
         return False
+    if isinstance(d, CategoricalDistribution):
+        return True
+    assert isinstance(d, FloatDistribution | IntDistribution)
+    if not d.low <= internal <= d.high:
+        return False
+    if isinstance(d, IntDistribution):
+        return (internal - d.low) % d.step == 0
+    if d.step is None:
+        return True
+    steps = (internal - d.low) / d.step
+    return abs(steps - round(steps)) < 1e-8  # Optuna's tolerance on a float step grid
 
 
 def _clipped(value: float, d: FloatDistribution | IntDistribution) -> float | int:
@@ -93,7 +105,7 @@ def _history_params(trial: dict[str, Any], space: SearchSpace
         if not p.active(params):
             continue
         value = trial.get(p.name)
-        if value is None or not _fits(value, p.distribution):
+        if value is None or not fits(value, p.distribution):
             return None
         params[p.name], distributions[p.name] = value, p.distribution
     return params, distributions
@@ -111,7 +123,7 @@ def _enqueued_params(trial: dict[str, Any], space: SearchSpace
             continue
         d = p.distribution
         if isinstance(d, CategoricalDistribution):
-            if _fits(value, d):
+            if fits(value, d):
                 params[p.name] = value
             else:
                 changes.append(f"{p.name} {value!r} left to the sampler")

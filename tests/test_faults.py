@@ -98,7 +98,11 @@ search:
 @pytest.mark.slow
 def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_on(
         tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    import optuna
+
     from search.cli import main
+    from search.rundir import STUDY_NAME
+    from search.study import TRIAL_ID_ATTR, open_storage
 
     main(["search", "--space", str(space_file(tmp_path, FAULTS_SPACE)), "--data",
           tiny_images(tmp_path), "--trials", "3", "--seed", "11", "--storage", str(tmp_path),
@@ -124,6 +128,11 @@ def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_o
 
     assert sound.status == "TERMINATED" and sound.epochs_run == 1
     assert f"best trial {sound.name}" in out
+    # the study: no running best to tell for a failed trial, the diverged one's is NaN
+    study = optuna.load_study(study_name=STUDY_NAME,
+                              storage=open_storage(RunDir.open(tmp_path / "f")))
+    assert {t.user_attrs[TRIAL_ID_ATTR]: t.state.name for t in study.trials} == {
+        raising.name: "FAIL", diverging.name: "FAIL", sound.name: "COMPLETE"}
 
 
 def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> None:
@@ -288,14 +297,6 @@ def lose_named_checkpoints(run: Path) -> list[str]:
     return gone
 
 
-def searcher_state(run: Path) -> dict[str, Any]:
-    """The OptunaSearch state Tune saved in the run directory (its Optuna study included)."""
-    newest = max(run.glob("searcher-state-*.pkl"))  # named by session start, as Tune picks
-    with newest.open("rb") as f:
-        state: dict[str, Any] = pickle.load(f)
-    return state
-
-
 @pytest.mark.slow
 def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sampler_history(
         tmp_path: Path, ray_session: None) -> None:
@@ -304,9 +305,12 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
     a kill can leave them) and after most trials finished; `--resume` each time. Every epoch
     is in epochs.parquet once, finished trials are not trained again, and the trials sampled
     after the last resume are TPE's model draws over the history from before the kill."""
+    import optuna
     import ray
 
     from search.cli import main
+    from search.rundir import STUDY_NAME
+    from search.study import TRIAL_ID_ATTR, open_storage, startup_trials
 
     n_trials, epochs, concurrent = 16, 3, 2
     space = tpe_fifo_space(tmp_path, epochs)
@@ -355,32 +359,32 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
         again = rows[(rows.trial_id == trial_id) & (rows.epoch == epoch)]
         assert again.end_time.item() == end_time
 
-    # The sampler kept its history: every trial is in the Optuna study with its value (and
-    # what the driver sampled after Tune last saved its state, before a kill, failed) ...
-    state = searcher_state(run)
-    study, by_trial = state["_ot_study"], state["_ot_trials"]
+    # The sampler kept its history: every trial is in the run's Optuna study with its value
+    # (and what the driver sampled after Tune last saved its state, before a kill, failed) ...
+    study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(RunDir.open(run)))
     sampled = [t for t in study.trials if t.state.name != "FAIL"]
+    by_trial = {t.user_attrs[TRIAL_ID_ATTR]: t for t in sampled}
     assert len(sampled) == n_trials and set(by_trial) == set(trials.trial_id)
-    assert {t.user_attrs["trial_id"] for t in sampled} == set(trials.trial_id)
     for row in trials.itertuples():
-        told = study.trials[by_trial[row.trial_id].number]
+        told = by_trial[row.trial_id]
         assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
         assert told.params == pytest.approx({"lr": row.lr,
                                              "label_smoothing": row.label_smoothing})
     # ... and the trials sampled after the last resume came from TPE's model (which needs
-    # n_startup_trials finished trials), the first of them with too few finished since the
+    # its startup trials finished), the first of them with too few finished since the
     # resume to count.
-    n_startup = state["_sampler"]._n_startup_trials
-    after = sorted((t for t in sampled if t.datetime_start >= resumed),
-                   key=lambda t: t.datetime_start)
+    n_startup = startup_trials(n_trials)
+    starts = {t.number: t.datetime_start for t in sampled if t.datetime_start is not None}
+    ends = {t.number: t.datetime_complete for t in sampled if t.datetime_complete is not None}
+    after = sorted((n for n, start in starts.items() if start >= resumed), key=starts.__getitem__)
     assert after, "every trial was sampled before the last kill"
-    for i, trial in enumerate(after):
-        history = [t for t in study.trials if t.datetime_complete is not None
-                   and t.state.name != "FAIL" and t.datetime_complete < trial.datetime_start]
+    for i, number in enumerate(after):
+        history = [end for end in ends.values() if end < starts[number]]
         assert len(history) >= n_startup
         if i == 0:
-            assert sum(t.datetime_complete >= resumed for t in history) < n_startup
-        assert any(key.startswith("tpe:relative_params") for key in trial.system_attrs)
+            assert sum(end >= resumed for end in history) < n_startup
+        assert any(key.startswith("tpe:relative_params")
+                   for key in study.trials[number].system_attrs)
 
 
 @pytest.mark.slow

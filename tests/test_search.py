@@ -6,7 +6,6 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import duckdb
 import optuna
@@ -263,8 +262,7 @@ def test_each_sampler_is_seeded(sampler: str) -> None:
     assert first_configs(7) != first_configs(8)
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning",
-                            "ignore:Define-by-run function:UserWarning")  # GP samples slowly
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 @pytest.mark.parametrize("sampler", ["tpe", "cmaes", "random", "qmc", "gp"])
 def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) -> None:
     """The searcher a search builds, asked and told as Tune would, on the full default space
@@ -280,8 +278,7 @@ def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) ->
         assert config is not None
         cfg = TrainConfig.from_dict(config)
         searcher.on_trial_complete(f"t{i}", {"best_val_acc": cfg.lr * (1 + cfg.label_smoothing)})
-    study = cast(optuna.Study, searcher._ot_study)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * trials
+    assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE] * trials
 
 
 def test_more_gpus_than_any_node_fails_at_once(tmp_path: Path, ray_session: None,
@@ -372,10 +369,10 @@ def test_max_concurrent_trials_is_also_how_many_trials_tune_keeps_pending(
     fractional-GPU trials would otherwise start one at a time."""
     from ray.tune.execution.tune_controller import _get_max_pending_trials
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
     from ray.tune.search.search_generator import SearchGenerator
 
     monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
-    searcher = OptunaSearch(metric="val_acc", mode="max")
+    searcher = StudySearch(space=DefineByRun(load_space("quick")), metric="best_val_acc",
+                           mode="max")
     assert _get_max_pending_trials(SearchGenerator(searcher)) == 1
     assert _get_max_pending_trials(SearchGenerator(ConcurrencyLimiter(searcher, 4))) == 4

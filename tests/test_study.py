@@ -14,7 +14,12 @@ import optuna
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from optuna.storages.journal._storage import JournalOperation
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from search.cli import main
 from search.driver import make_sampler
@@ -30,7 +35,7 @@ from search.study import (
     startup_trials,
 )
 from search.study_search import StudySearch
-from search.warm_start import WARM_START_ATTR, plan_warm_start
+from search.warm_start import WARM_START_ATTR, fits, plan_warm_start
 from spaces import DefineByRun, load_space, parse_space
 from tests.conftest import one_line_error
 from tests.rundir_fixture import sampled_run, search_json, trial_rows, write_run
@@ -72,7 +77,14 @@ def whole_journal(tmp_path: Path) -> bytes:
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 def test_tpe_startup_trials_scale_with_the_search() -> None:
     assert [startup_trials(n) for n in (1, 8, 12, 24, 40, 64, 500)] == [2, 2, 3, 6, 10, 10, 10]
-    assert make_sampler("tpe", 0, 24)._n_startup_trials == 6
+    # TPE's model draws (after its startup trials) are the ones it shares with running trials
+    study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", 0, 24))
+    for _ in range(7):
+        trial = study.ask()
+        DefineByRun(load_space("quick"))(trial)
+        study.tell(trial, trial.number / 10)
+    assert [any(key.startswith("tpe:relative_params") for key in t.system_attrs)
+            for t in study.trials] == [False] * 6 + [True]
 
 
 def test_a_remote_run_keeps_its_journal_on_the_driver_and_a_copy_in_the_run(
@@ -161,9 +173,63 @@ def test_the_study_records_every_epoch_once_the_last_one_too(
     assert [t.value for t in trials.values()] == [0.2, 0.3, 0.3]
     journal = [json.loads(line) for line in (tmp_path / "run" / STUDY_FILE).read_text().split(
         "\n")[:-1]]
-    assert sum(op["op_code"] == JournalOperation.SET_TRIAL_INTERMEDIATE_VALUE
-               for op in journal) == 2 + 3 + 3
+    assert sum("intermediate_value" in op for op in journal) == 2 + 3 + 3
     assert not [w for w in recwarn if "already reported" in str(w.message)]
+
+
+def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended(
+        tmp_path: Path) -> None:
+    """A trial runs in the study from its suggest on (which TPE's constant liar counts); an
+    error is told FAIL, a trial removed before its first result PRUNED, one that diverged in
+    its first epoch (its running best NaN) FAIL; a trial told before a kill is left as it
+    is when Tune's older saved state runs it again."""
+    space, run = load_space("quick"), RunDir.open(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    storage = open_storage(run)
+    open_study(storage, space).enqueue_trial({"lr": 0.05})
+
+    def searcher() -> StudySearch:
+        return StudySearch(space=DefineByRun(space), metric="best_val_acc", mode="max",
+                           storage=storage, study_name=STUDY_NAME,
+                           sampler=optuna.samplers.RandomSampler(seed=0))
+
+    search = searcher()
+    assert search.suggest("enqueued")["lr"] == 0.05
+    for trial_id in ("errored", "removed", "diverged"):
+        search.suggest(trial_id)
+    assert {t.state.name for t in load_run_study(run).trials} == {"RUNNING"}
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.on_trial_complete("errored", error=True)
+    search.on_trial_complete("removed")
+    search.on_trial_complete("diverged", epoch_result(1, float("nan")))
+    search.on_trial_complete("enqueued", epoch_result(1, 0.5))
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_result("enqueued", epoch_result(1, 0.4))
+    restored.on_trial_result("enqueued", epoch_result(2, 0.6))
+    restored.on_trial_complete("enqueued", epoch_result(2, 0.6))
+
+    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in load_run_study(run).trials}
+    assert {trial_id: t.state.name for trial_id, t in trials.items()} == {
+        "enqueued": "COMPLETE", "errored": "FAIL", "removed": "PRUNED", "diverged": "FAIL"}
+    assert trials["enqueued"].value == 0.5 and trials["enqueued"].intermediate_values == {1: 0.5}
+
+
+@pytest.mark.parametrize("distribution", [
+    FloatDistribution(0.01, 0.3), FloatDistribution(1e-6, 1e-3, log=True),
+    FloatDistribution(0.0, 1.0, step=0.25), IntDistribution(1, 9), IntDistribution(2, 8, step=3),
+    IntDistribution(1, 64, log=True), CategoricalDistribution(["pad", "none", 4, None])])
+def test_a_warm_start_value_fits_a_distribution_where_optuna_accepts_it(
+        distribution: BaseDistribution) -> None:
+    for value in (-1, 0, 0.01, 0.02, 0.3, 0.5, 0.75, 0.76, 1, 1.5, 2, 3, 5, 8, 9, 64, 65, 1e-4,
+                  float("nan"), "pad", "resized", "4", None, True):
+        try:
+            optuna.trial.create_trial(params={"p": value}, distributions={"p": distribution},
+                                      value=0.0)
+            accepted = True
+        except (TypeError, ValueError):
+            accepted = False
+        assert fits(value, distribution) == accepted, (value, distribution)
 
 
 @pytest.mark.parametrize(("damage", "expected"), [
