@@ -3,56 +3,16 @@
 from __future__ import annotations
 
 import math
-import posixpath
 import shlex
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from search.rundir import BEST_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
+from search.rundir import BEST_FILE, TRIALS_FILE, RunDir, SearchRun, Trial
+from search.searched import active_values, format_value, searched_params
 from trainable.config import TrainConfig, field_names
 from trainable.errors import UserError
-from trainable.ranking import METRIC_MODES, metric_mode, rank_trials
-
-Trial = dict[str, Any]  # one row of trials.parquet
-
-
-@dataclass(frozen=True)
-class SearchRun:
-    """A run directory with its trials and how the search was started (search.json)."""
-    rundir: RunDir
-    info: dict[str, Any]
-    trials: list[Trial]
-
-    @classmethod
-    def open(cls, uri: str) -> SearchRun:
-        rundir = RunDir.open(uri)
-        info = rundir.read_json(SEARCH_FILE)
-        run = cls(rundir, info, rundir.read_table(TRIALS_FILE).to_pylist())
-        if run.metric not in METRIC_MODES:
-            raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'metric' must be one of "
-                            f"{', '.join(METRIC_MODES)}, got {run.metric!r}")
-        return run
-
-    @property
-    def metric(self) -> str:
-        return str(self.info.get("metric", "val_acc"))
-
-    @property
-    def mode(self) -> str:
-        return metric_mode(self.metric)
-
-    @property
-    def name(self) -> str:
-        return str(self.info.get("name") or posixpath.basename(self.rundir.path))
-
-    @cached_property
-    def ranked(self) -> list[Trial]:
-        """Trials that did not fail and reported the metric, best first (at their best epoch)."""
-        return rank_trials(self.trials, "best_metric", self.mode)
+from trainable.storage import is_uri
 
 
 def trial_config(trial: Trial, source: str) -> TrainConfig:
@@ -72,6 +32,20 @@ def still_improving_note(trial: Trial) -> str | None:
             f"retrain with --epochs {2 * budget}")
 
 
+def best_trial_lines(run: SearchRun) -> list[str]:
+    """The best trial as the end of a search, `results` and `best` show it: its metric at
+    its best epoch, whether it was still improving, and the searched values it used."""
+    trial = run.ranked[0]
+    lines = [f"best trial {trial['trial_id']} of {len(run.trials)}: {run.metric} "
+             f"{trial['best_metric']:.4f} at epoch {trial['best_epoch']} (ran "
+             f"{trial['epochs_run']} of {trial['epochs']} epochs)"]
+    note = still_improving_note(trial)
+    if note:
+        lines.append(note)
+    values = active_values(trial, searched_params(run))
+    return lines + [f"  {name}: {format_value(value)}" for name, value in values.items()]
+
+
 def retrain_epochs(trial: Trial, cfg: TrainConfig) -> int:
     """The epoch at which the trial was best; never shorter than its warmup, which
     TrainConfig requires to fit in the epochs."""
@@ -82,7 +56,7 @@ def write_best_config(run: SearchRun, cfg: TrainConfig, output: str | None) -> s
     """Write best.yaml and return the path that `resnet-hpo train --config` can read here."""
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     if output is not None:
-        if "://" in output:
+        if is_uri(output):
             raise UserError(f"--output {output}: must be a local file path, since "
                             "`resnet-hpo train --config` reads a local file")
         try:
@@ -104,7 +78,7 @@ def path_from_here(rundir: RunDir, name: str) -> str | None:
     local = rundir.local_path(name)
     if local is None:
         return None
-    return str(local) if "://" in rundir.uri else rundir.uri_of(name)
+    return str(local) if is_uri(rundir.uri) else rundir.uri_of(name)
 
 
 def model_dir(run: SearchRun) -> str:
@@ -121,13 +95,8 @@ def best_command(run_uri: str, output: str | None) -> None:
     cfg = trial_config(trial, run.rundir.uri_of(TRIALS_FILE))
     config_path = write_best_config(run, cfg, output)
     epochs = retrain_epochs(trial, cfg)
-    print(f"best trial {trial['trial_id']} of {len(run.trials)}: {run.metric} "
-          f"{trial['best_metric']:.4f} at epoch {trial['best_epoch']} "
-          f"(ran {trial['epochs_run']} of {cfg.epochs} epochs)")
+    print("\n".join(best_trial_lines(run)))
     print(f"config: {config_path}")
-    note = still_improving_note(trial)
-    if note:
-        print(note)
     if epochs != trial["best_epoch"]:
         print(f"note: --epochs {epochs}, not {trial['best_epoch']}: the warmup "
               f"({cfg.warmup_epochs:g} epochs) must fit in the epochs")

@@ -62,16 +62,18 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _search(args: argparse.Namespace) -> None:
-    from search.driver import continue_request, request_from_args, run_search
+    from search.driver import add_trials, new_search, resume_search
+    from search.request import continue_request, request_from_args
 
     if args.resume or args.add_trials is not None:
-        run_search(continue_request(args))
+        request = continue_request(args)
+        (resume_search if args.resume else add_trials)(request)
     else:
         if not args.space:
             raise UserError("--space is required: a shipped space (quick, default, cifar10) "
                             "or a YAML file")
         fixed = config_overrides(args) | ({"seed": args.seed} if args.seed is not None else {})
-        run_search(request_from_args(args, fixed))
+        new_search(request_from_args(args, fixed))
 
 
 def _results(args: argparse.Namespace) -> None:
@@ -148,8 +150,11 @@ def add_search_parser(commands: Subcommands) -> None:
                                        "(default: search-TIME)")
     search.add_argument("--address", help="join a running Ray cluster (auto, or host:port); "
                                           "default: start a local Ray")
-    search.add_argument("--seed", type=int, help="seed of the sampler and of every trial's "
-                        "training (default: sampler 0, trials as the space says)")
+    search.add_argument("--seed", type=int, help="seed of every trial's training and, unless "
+                        "--sampler-seed, of the sampler (default: sampler 0, trials as the "
+                        "space says)")
+    search.add_argument("--sampler-seed", type=int, metavar="SEED",
+                        help="seed of the sampler only (default: --seed, else 0)")
     search.add_argument("--resume", action="store_true",
                         help="continue the interrupted search STORAGE/NAME")
     search.add_argument("--add-trials", type=int, metavar="N",

@@ -3,7 +3,9 @@
 Everything the user gave is checked (space, data, resources, run name) before a trial
 starts; the dataset is decoded once here, at the largest resolution the space allows, into
 a file which every trial memory-maps: the trials of this node from the cache, those of other
-nodes from a copy in the run's storage (RUN/data/KEY) that each node fetches once.
+nodes from a copy in the run's storage (RUN/data/KEY) that each node fetches once. A new
+search, --resume and --add-trials each have their own function: new_search, resume_search
+and add_trials.
 """
 
 from __future__ import annotations
@@ -11,14 +13,17 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-import re
 import shlex
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
+from optuna.storages.journal import JournalStorage
+
+from search.best import best_trial_lines
+from search.request import SearchRequest
+from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
 from search.study import (
     check_journal,
     close_orphans,
@@ -31,46 +36,11 @@ from search.study import (
 from search.study_search import StudySearch
 from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
 from search.warm_start import WarmStart, plan_warm_start
-from spaces import DefineByRun, SearchSpace, load_space, parse_space
+from spaces import DefineByRun, SearchSpace
 from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head
-
-
-@dataclass(frozen=True)
-class SearchRequest:
-    """What `resnet-hpo search` was asked for, after the space file and the flags."""
-    space: SearchSpace
-    trials: int
-    name: str
-    storage: str
-    gpus_per_trial: float
-    cpus_per_trial: float
-    max_concurrent: int | None
-    max_failures: int
-    address: str | None
-    seed: int
-    command_line: str  # as the user typed it, for search.json
-    mode: str = "new"  # "new", "resume" (--resume) or "add" (--add-trials: `trials` more)
-    warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
-    warm_start_top: int = 4  # how many of its best configs go first
-
-    @property
-    def run_uri(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
-
-
-def check_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
-        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (no '/'), "
-                        "so the run stays inside the storage directory")
-    return name
-
-
-def resolve_storage(storage: str) -> str:
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 def make_sampler(name: str, seed: int, trials: int) -> Any:
@@ -229,6 +199,70 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
             failure_config=tune.FailureConfig(max_failures=request.max_failures)))
 
 
+def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
+    """The search's data, decoded once at the largest resolution the space allows: where it
+    is, and its arrays."""
+    cfg = request.space.config({})
+    decoded = decode_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
+    data = decoded.open()
+    print(data.summary(), flush=True)
+    return decoded, data
+
+
+def start_cluster(request: SearchRequest) -> int:
+    """Ray started or joined; how many trials run at once."""
+    start_ray(request.address)
+    fits = check_resources(request)
+    return request.max_concurrent or fits
+
+
+def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int, total: int
+                  ) -> StudySearch:
+    """The searcher of the run's study: the sampler is conditioned on every trial in it."""
+    from trainable.ranking import objective_name
+
+    space = request.space
+    return StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
+                       mode=space.mode, storage=storage, study_name=STUDY_NAME,
+                       sampler=make_sampler(space.sampler, seed, total))
+
+
+def check_new_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
+    """A new search gets a run directory of its own; returns its warm start, if any."""
+    if run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE) or run.exists(STUDY_FILE):
+        raise UserError(f"--name {request.name}: {run.uri} already holds a search; add "
+                        "--resume to continue it, --add-trials N to extend it, or choose "
+                        "another --name")
+    if request.warm_start is None:
+        return None
+    return plan_warm_start(request.warm_start, request.space,
+                           min(request.warm_start_top, request.trials))
+
+
+def new_search(request: SearchRequest) -> None:
+    run = RunDir.open(request.run_uri)
+    warm_start = check_new_run(run, request)
+    decoded, data = decode_data(request)
+    concurrent = start_cluster(request)
+    meta = search_metadata(request, data)
+    if warm_start is not None:
+        meta["warm_start"] = warm_start.record()
+    run.write_json(SEARCH_FILE, meta)
+    if run.local_path() is None:
+        journal_path(run).unlink(missing_ok=True)  # the driver's copy of an earlier run's
+    storage = open_storage(run)
+    study = open_study(storage, request.space)
+    if warm_start is not None:
+        print(warm_start.summary(), flush=True)
+        warm_start.apply(study)
+    print(f"search {request.name}: {request.trials} trials, sampler {request.space.sampler}, "
+          f"scheduler {request.space.scheduler.name}, {concurrent} at a time; results in "
+          f"{run.uri}", flush=True)
+    searcher = make_searcher(request, storage, request.seed, request.trials)
+    build_tuner(request, decoded.published(run.uri), concurrent, searcher).fit()
+    print_summary(run)
+
+
 def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
     """--add-trials goes on from a finished search only: an interrupted one has trials that
     only --resume can finish."""
@@ -240,114 +274,71 @@ def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
                         f"{meta['name']} --resume`")
 
 
-def check_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
-    """Everything about the run directory that can be wrong, checked before Ray starts or
-    data is read; nothing in the run directory is written. Returns the warm start of a new
-    search."""
-    if request.mode == "new":
-        if run.exists(SEARCH_FILE) or run.exists(TRIALS_FILE) or run.exists(STUDY_FILE):
-            raise UserError(f"--name {request.name}: {run.uri} already holds a search; add "
-                            "--resume to continue it, --add-trials N to extend it, or choose "
-                            "another --name")
-        if request.warm_start is None:
-            return None
-        return plan_warm_start(request.warm_start, request.space,
-                               min(request.warm_start_top, request.trials))
+def add_trials(request: SearchRequest) -> None:
+    """`request.trials` more trials in a finished search, with the run's study: the sampler
+    is conditioned on every trial already in it."""
+    run = RunDir.open(request.run_uri)
     pull_journal(run)
-    if request.mode == "add":
-        check_finished(run, run.read_json(SEARCH_FILE))
-        if not journal_path(run).exists():
-            raise UserError(f"--add-trials: {run.uri} has no {STUDY_FILE} (it was searched "
-                            "before the study was kept in the run), so its sampler history "
-                            "is lost; start a new search with --warm-start " + run.uri)
+    check_finished(run, run.read_json(SEARCH_FILE))
+    if not journal_path(run).exists():
+        raise UserError(f"--add-trials: {run.uri} has no {STUDY_FILE} (it was searched "
+                        "before the study was kept in the run), so its sampler history "
+                        "is lost; start a new search with --warm-start " + run.uri)
+    check_journal(run)
+    decoded, _ = decode_data(request)
+    concurrent = start_cluster(request)
+    storage = open_storage(run)
+    study = open_study(storage, request.space)
+    earlier = len(study.trials)
+    close_orphans(study, set())  # none is running: the search finished
+    meta = run.read_json(SEARCH_FILE)
+    total = meta["trials"] + request.trials
+    meta["added"] = [*meta.get("added", []), {
+        "trials": request.trials, "after": meta["trials"], "command": request.command_line,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+    meta["trials"] = total
+    run.write_json(SEARCH_FILE, meta)
+    print(f"search {request.name}: {request.trials} more trials after {total - request.trials}"
+          f", sampler {request.space.sampler} with the {earlier} trials of its study as "
+          f"history, {concurrent} at a time; results in {run.uri}", flush=True)
+    # Seeded past the trials before, so that added trials do not repeat the first draws.
+    searcher = make_searcher(request, storage, request.seed + earlier, total)
+    build_tuner(request, decoded.published(run.uri), concurrent, searcher).fit()
+    print_summary(run)
+
+
+def resume_search(request: SearchRequest) -> None:
+    """The interrupted search from Tune's saved state, its unfinished and failed trials
+    continued."""
+    run = RunDir.open(request.run_uri)
+    pull_journal(run)
     if journal_path(run).exists():  # a search from before has none; Tune's state holds it
         check_journal(run)
-    return None
-
-
-def run_search(request: SearchRequest) -> None:
-    run = RunDir.open(request.run_uri)
-    warm_start = check_run(run, request)
-    cfg = request.space.config({})
-    decoded = decode_dataset(cfg.data, request.space.decode_resolution, cfg.val_fraction)
-    data = decoded.open()
-    print(data.summary(), flush=True)
-    start_ray(request.address)
-    fits = check_resources(request)
+    decoded, _ = decode_data(request)
+    start_cluster(request)  # Tune restores how many trials run at once
     from ray import tune
 
-    if request.mode == "resume":
-        if not tune.Tuner.can_restore(run.uri):
-            raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
-        problem = tune_state_problem(run)
-        if problem:  # Tune would log it, then run a new search here
-            raise UserError(f"--resume: {problem}: the search was killed while Ray Tune saved "
-                            "its state, which it cannot restore; `resnet-hpo results` still "
-                            "reads the finished trials; start the search again with another "
-                            "--name")
-        for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
-            print(line, flush=True)
-        if journal_path(run).exists():
-            close_orphans(open_study(open_storage(run), request.space),
-                          saved_trial_ids(run))
-        trainable = build_trainable(request, decoded.published(run.uri))
-        tuner = tune.Tuner.restore(run.uri, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
-        print(f"resuming {run.uri}", flush=True)
-    else:
-        tuner = new_tuner(run, request, data, decoded.published(run.uri), warm_start,
-                          request.max_concurrent or fits)
+    if not tune.Tuner.can_restore(run.uri):
+        raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
+    problem = tune_state_problem(run)
+    if problem:  # Tune would log it, then run a new search here
+        raise UserError(f"--resume: {problem}: the search was killed while Ray Tune saved "
+                        "its state, which it cannot restore; `resnet-hpo results` still "
+                        "reads the finished trials; start the search again with another "
+                        "--name")
+    for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
+        print(line, flush=True)
+    if journal_path(run).exists():
+        close_orphans(open_study(open_storage(run), request.space), saved_trial_ids(run))
+    trainable = build_trainable(request, decoded.published(run.uri))
+    tuner = tune.Tuner.restore(run.uri, trainable=trainable, resume_unfinished=True,
+                               resume_errored=True)
+    print(f"resuming {run.uri}", flush=True)
     tuner.fit()
     print_summary(run)
 
 
-def new_tuner(run: RunDir, request: SearchRequest, data: Dataset, shared: DecodedData,
-              warm_start: WarmStart | None, concurrent: int) -> Any:
-    """A Tuner for a new search, or for the trials --add-trials adds, with the run's study:
-    the sampler is conditioned on every trial already in it."""
-    from trainable.ranking import objective_name
-
-    space = request.space
-    if request.mode == "new":
-        meta = search_metadata(request, data)
-        if warm_start is not None:
-            meta["warm_start"] = warm_start.record()
-        run.write_json(SEARCH_FILE, meta)
-        if run.local_path() is None:
-            journal_path(run).unlink(missing_ok=True)  # the driver's copy of an earlier run's
-    storage = open_storage(run)
-    study = open_study(storage, space)
-    earlier = len(study.trials)
-    if request.mode == "add":
-        close_orphans(study, set())  # none is running: the search finished
-        meta = run.read_json(SEARCH_FILE)
-        total = meta["trials"] + request.trials
-        meta["added"] = [*meta.get("added", []), {
-            "trials": request.trials, "after": meta["trials"], "command": request.command_line,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
-        meta["trials"] = total
-        run.write_json(SEARCH_FILE, meta)
-        print(f"search {request.name}: {request.trials} more trials after {total - request.trials}"
-              f", sampler {space.sampler} with the {earlier} trials of its study as history, "
-              f"{concurrent} at a time; results in {run.uri}", flush=True)
-    else:
-        total = request.trials
-        if warm_start is not None:
-            print(warm_start.summary(), flush=True)
-            warm_start.apply(study)
-        print(f"search {request.name}: {request.trials} trials, sampler {space.sampler}, "
-              f"scheduler {space.scheduler.name}, {concurrent} at a time; results in "
-              f"{run.uri}", flush=True)
-    # Seeded past the trials before, so that added trials do not repeat the first draws.
-    searcher = StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
-                           mode=space.mode, storage=storage, study_name=STUDY_NAME,
-                           sampler=make_sampler(space.sampler, request.seed + earlier, total))
-    return build_tuner(request, shared, concurrent, searcher)
-
-
 def print_summary(run: RunDir) -> None:
-    from search.best import SearchRun, still_improving_note
-
     search = SearchRun.open(run.uri)
     rows = search.trials
     done = [r for r in rows if r["status"] == "TERMINATED"]
@@ -358,80 +349,7 @@ def print_summary(run: RunDir) -> None:
           f"early, {len(failed)} failed; {gpu_hours:.2f} GPU-hours")
     if not search.ranked:
         raise UserError(f"no trial finished; see the error column of {run.uri_of(TRIALS_FILE)}")
-    best = search.ranked[0]
-    print(f"best trial {best['trial_id']}: {search.metric} {best['best_metric']:.4f} at "
-          f"epoch {best['best_epoch']} of {best['epochs_run']}")
-    note = still_improving_note(best)
-    if note:
-        print(note)
-    for name in search.info["searched"]:
-        value = best[name]
-        print(f"  {name}: {value:.4g}" if isinstance(value, float) else f"  {name}: {value}")
+    print("\n".join(best_trial_lines(search)))
     where = shlex.quote(run.uri)
     print(f"run directory: {run.uri}\nnext: resnet-hpo results {where}; "
           f"resnet-hpo best {where}")
-
-
-def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
-    space = load_space(args.space)
-    scheduler = {k: v for k, v in (("name", args.scheduler), ("max_epochs", args.max_epochs))
-                 if v is not None}
-    space = space.replace(sampler=args.sampler, scheduler=scheduler, fixed=fixed)
-    resources = space.resources
-
-    def pick(flag: Any, key: str, default: Any) -> Any:
-        return flag if flag is not None else resources.get(key, default)
-
-    if args.trials < 1:
-        raise UserError(f"--trials must be >= 1, got {args.trials}")
-    if args.warm_start_top < 1:
-        raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
-    gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
-        args.cpus_per_trial, "cpus_per_trial", 1.0)
-    if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
-        raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
-                        ">= 0 and one of them > 0")
-    max_concurrent = pick(args.max_concurrent, "max_concurrent", None)
-    if max_concurrent is not None and max_concurrent < 1:
-        raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
-    return SearchRequest(
-        space=space, trials=args.trials,
-        name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),
-        storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
-        cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
-        max_failures=args.max_failures, address=args.address, seed=args.seed or 0,
-        command_line=args.command_line, warm_start=args.warm_start,
-        warm_start_top=args.warm_start_top)
-
-
-def continue_request(args: Any) -> SearchRequest:
-    """--resume or --add-trials N: the request the search was started with, from its
-    search.json; the space, data, sampler and seed stay as they were (Tune restores them on
-    --resume; --add-trials samples the same space, its sampler seeded past the trials
-    before)."""
-    flag = "--resume" if args.resume else "--add-trials"
-    if args.resume and args.add_trials is not None:
-        raise UserError("--resume and --add-trials: give one; resume an interrupted search "
-                        "first, then add trials")
-    if args.space or args.warm_start:
-        raise UserError(f"{flag} goes on with the search's own space and history; leave out "
-                        f"{'--space' if args.space else '--warm-start'}")
-    if args.add_trials is not None and args.add_trials < 1:
-        raise UserError(f"--add-trials must be >= 1, got {args.add_trials}")
-    if not args.name:
-        raise UserError(f"{flag} needs --name NAME of the search to continue")
-    name, storage = check_name(args.name), resolve_storage(args.storage)
-    run = RunDir.open(f"{storage.rstrip('/')}/{name}")
-    if not run.exists(SEARCH_FILE):
-        raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
-                        f"({run.uri} holds no {SEARCH_FILE})")
-    meta = run.read_json(SEARCH_FILE)
-    space = parse_space(meta["space_text"], meta["space_file"]).replace(
-        sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
-    return SearchRequest(
-        space=space, trials=meta["trials"] if args.resume else args.add_trials, name=name,
-        storage=storage, gpus_per_trial=meta["gpus_per_trial"],
-        cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
-        max_failures=args.max_failures, address=args.address, seed=meta["seed"],
-        command_line=meta["command"] if args.resume else args.command_line,
-        mode="resume" if args.resume else "add")

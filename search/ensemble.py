@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.best import SearchRun
 from search.diversity import confusion_matrix, disagreement_text, pairwise_disagreement
 from search.ensemble_evaluation import (
     Fitted,
@@ -32,7 +31,7 @@ from search.ensemble_evaluation import (
     scores_of_members,
 )
 from search.plots import confusion_matrices, png_bytes, write_plot
-from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE
+from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, SearchRun
 from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage

@@ -1,5 +1,5 @@
-"""The text of `resnet-hpo results`: totals, the leaderboard, fANOVA importances and the
-last ensemble."""
+"""The text of `resnet-hpo results`: totals and the best trial, the leaderboard, fANOVA
+importances and the last ensemble."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Any
 
 import optuna
 
-from search.best import SearchRun, Trial, still_improving_note
+from search.best import best_trial_lines
+from search.rundir import SearchRun, Trial
 from search.searched import active_values, format_value
 from spaces.space import Param
 
@@ -26,8 +27,7 @@ def summary(run: SearchRun) -> str:
              f"metric {run.metric} ({run.mode}) at each trial's best epoch"]
     failed = [t for t in run.trials if t["status"] == "ERROR"]
     lines += [f"failed: {t['trial_id']}: {t.get('error') or 'no message'}" for t in failed]
-    note = still_improving_note(run.ranked[0]) if run.ranked else None
-    return "\n".join([*lines, note] if note else lines)
+    return "\n".join(lines + (best_trial_lines(run) if run.ranked else []))
 
 
 def leaderboard(run: SearchRun, params: Sequence[Param], top: int) -> str:

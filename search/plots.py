@@ -17,8 +17,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from search.best import SearchRun
-from search.rundir import EPOCHS_FILE, PLOTS_DIR, RunDir
+from search.rundir import EPOCHS_FILE, PLOTS_DIR, RunDir, SearchRun
 from search.searched import active_values, format_value
 from spaces.space import Param
 

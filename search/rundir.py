@@ -20,6 +20,7 @@ import json
 import posixpath
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 
 from trainable.config import field_names, field_type
 from trainable.errors import UserError
+from trainable.ranking import METRIC_MODES, metric_mode, rank_trials
 from trainable.storage import open_uri
 
 TRIALS_FILE = "trials.parquet"
@@ -149,3 +151,42 @@ class RunDir:
 
     def write_json(self, name: str, values: dict[str, Any]) -> None:
         self.write_text(name, json.dumps(values, indent=2, default=str) + "\n")
+
+
+Trial = dict[str, Any]  # one row of trials.parquet
+
+
+@dataclass(frozen=True)
+class SearchRun:
+    """A run directory with its trials and how the search was started (search.json)."""
+    rundir: RunDir
+    info: dict[str, Any]
+    trials: list[Trial]
+
+    @classmethod
+    def open(cls, uri: str) -> SearchRun:
+        rundir = RunDir.open(uri)
+        info = rundir.read_json(SEARCH_FILE)
+        run = cls(rundir, info, rundir.read_table(TRIALS_FILE).to_pylist())
+        if run.metric not in METRIC_MODES:
+            raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'metric' must be one of "
+                            f"{', '.join(METRIC_MODES)}, got {run.metric!r}")
+        return run
+
+    @property
+    def metric(self) -> str:
+        return str(self.info.get("metric", "val_acc"))
+
+    @property
+    def mode(self) -> str:
+        return metric_mode(self.metric)
+
+    @property
+    def name(self) -> str:
+        return str(self.info.get("name") or posixpath.basename(self.rundir.path))
+
+    @cached_property
+    def ranked(self) -> list[Trial]:
+        """Trials that did not fail and reported the metric, best first (at their best epoch)."""
+        return rank_trials(self.trials, "best_metric", self.mode)
+

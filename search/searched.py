@@ -13,8 +13,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from search.best import SearchRun, Trial
-from search.rundir import SEARCH_FILE
+from search.rundir import SEARCH_FILE, SearchRun, Trial
 from spaces.space import Param, parse_space
 from trainable.config import field_names
 from trainable.errors import UserError

@@ -11,9 +11,8 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from search.best import SearchRun
 from search.cli import main
-from search.rundir import RunDir
+from search.rundir import RunDir, SearchRun
 from tests.conftest import write_class_tree
 from tests.rundir_fixture import search_json, trial_rows, write_run
 from trainable.config import TrainConfig

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from search.best import SearchRun
 from search.cli import main
 from search.leaderboard import leaderboard
-from search.rundir import SEARCH_FILE
+from search.rundir import SEARCH_FILE, SearchRun
 from search.searched import searched_params
 from spaces.space import load_space
 from tests.rundir_fixture import read_search, sampled_run

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from search import driver
+from search.request import check_name
 from trainable import TrainConfig
 from trainable.config import read_yaml_mapping
 from trainable.errors import UserError
@@ -134,4 +134,4 @@ def test_a_local_ray_binds_its_dashboard_to_localhost_and_keeps_token_auth() -> 
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/abs", ".hidden", ""])
 def test_a_run_name_cannot_leave_the_storage_directory(name: str) -> None:
     with pytest.raises(UserError, match="use letters, digits"):
-        driver.check_name(name)
+        check_name(name)

@@ -19,13 +19,14 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import search.driver as driver
 from search.cli import main
-from search.driver import check_resources, make_sampler, request_from_args
+from search.driver import check_resources, make_sampler, search_metadata
 from search.ensemble import ensemble_command
+from search.request import SearchRequest, request_from_args
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
 from search.study import startup_trials
 from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
-from tests.conftest import one_line_error, search_space_file
+from tests.conftest import one_line_error, search_space_file, tiny_dataset
 from trainable import TrainConfig, load_dataset
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
@@ -51,7 +52,7 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
     given: list[object] = []
     build = driver.build_trainable
 
-    def recording_build(request: driver.SearchRequest, data: DecodedData) -> object:
+    def recording_build(request: SearchRequest, data: DecodedData) -> object:
         given.append(data)
         return build(request, data)
 
@@ -297,6 +298,7 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
                                  max_epochs=None, sampler=None, trials=4, gpus_per_trial=0.25,
                                  cpus_per_trial=1.0, max_concurrent=None, max_failures=0,
                                  storage=str(tmp_path), name="x", address=None, seed=0,
+                                 sampler_seed=None,
                                  command_line="resnet-hpo search", warm_start=None,
                                  warm_start_top=4))
     with pytest.raises(UserError, match=r"0 GPUs in all.*use --gpus-per-trial 0"):
@@ -318,6 +320,50 @@ def test_bad_search_input_is_one_line_before_ray_starts(
         expected: str) -> None:
     err = one_line_error(capsys, ["search", "--storage", str(tmp_path), *flags])
     assert expected in err
+
+
+def seed_space_file(tmp_path: Path) -> Path:
+    """search_space_file's space, also searching every trial's training seed."""
+    space = tmp_path / "seed_space.yaml"
+    space.write_text(search_space_file(tmp_path).read_text()
+                     + "  seed:            {type: int, low: 0, high: 9}\n")
+    return space
+
+
+@pytest.mark.parametrize(("flag", "value", "key"), [
+    ("--seed", "3", "seed"), ("--lr", "0.05", "lr"),
+    ("--label_smoothing", "0.1", "label_smoothing")])
+def test_a_flag_that_fixes_a_searched_key_is_refused_naming_both(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        flag: str, value: str, key: str) -> None:
+    monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
+    monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
+    space = seed_space_file(tmp_path)
+    err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits", flag,
+                                  value, "--storage", str(tmp_path / "runs")])
+    assert (f"--{key.replace('_', '-')} {value} fixes config key '{key}', which the space "
+            f"{space} searches; leave it out, or remove '{key}' from the space's search") in err
+    assert ("--sampler-seed 3 seeds only the sampler" in err) == (key == "seed")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_seed_fixes_every_trials_seed_and_sampler_seed_seeds_only_the_sampler(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    requests: list[SearchRequest] = []
+    monkeypatch.setattr("search.driver.new_search", requests.append)
+    seed_searched, seed_fixed = seed_space_file(tmp_path), search_space_file(tmp_path)
+    for space, flags in ((seed_searched, ["--sampler-seed", "3"]), (seed_fixed, ["--seed", "3"]),
+                         (seed_fixed, ["--seed", "3", "--sampler-seed", "5"]),
+                         (seed_fixed, [])):
+        main(["search", "--space", str(space), "--data", "digits", "--storage", str(tmp_path),
+              *flags])
+    searched, fixed, both, neither = requests
+    assert searched.seed == 3 and "seed" not in searched.space.fixed
+    assert "seed" in [p.name for p in searched.space.params]
+    assert (fixed.seed, fixed.space.fixed["seed"]) == (3, 3)
+    assert (both.seed, both.space.fixed["seed"]) == (5, 3)
+    assert neither.seed == 0 and "seed" not in neither.space.fixed
+    assert search_metadata(searched, tiny_dataset())["seed"] == 3  # search.json's: the sampler's
 
 
 def never(what: str) -> Callable[..., None]:

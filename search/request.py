@@ -1,0 +1,132 @@
+"""What `resnet-hpo search` is asked for: a new search from the space file and the flags, or
+a search to continue from its search.json; every flag checked before anything starts."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.rundir import SEARCH_FILE, RunDir
+from spaces import SearchSpace, load_space, parse_space
+from trainable.errors import UserError
+from trainable.storage import is_uri
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """What `resnet-hpo search` was asked for, after the space file and the flags."""
+    space: SearchSpace
+    trials: int  # of a new or resumed search; of --add-trials: how many more
+    name: str
+    storage: str
+    gpus_per_trial: float
+    cpus_per_trial: float
+    max_concurrent: int | None
+    max_failures: int
+    address: str | None
+    seed: int  # the sampler's
+    command_line: str  # as the user typed it, for search.json
+    warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
+    warm_start_top: int = 4  # how many of its best configs go first
+
+    @property
+    def run_uri(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (no '/'), "
+                        "so the run stays inside the storage directory")
+    return name
+
+
+def resolve_storage(storage: str) -> str:
+    return storage if is_uri(storage) else str(Path(storage).expanduser().resolve())
+
+
+def check_fixed_flags(space: SearchSpace, fixed: dict[str, Any]) -> None:
+    """A flag fixes its config key for every trial, so one the space searches is refused:
+    it would take the key out of the search unseen, and a space that searches nothing else
+    would run one trial again and again."""
+    for param in space.params:
+        if param.name in fixed:
+            flag = f"--{param.name.replace('_', '-')} {fixed[param.name]}"
+            sampler = (f" (--sampler-seed {fixed['seed']} seeds only the sampler)"
+                       if param.name == "seed" else "")
+            raise UserError(f"{flag} fixes config key '{param.name}', which the space "
+                            f"{space.source} searches; leave it out, or remove "
+                            f"'{param.name}' from the space's search{sampler}")
+
+
+def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
+    """A new search: the space file, overridden by the flags; `fixed` holds the config
+    flags."""
+    space_file = load_space(args.space)
+    scheduler = {k: v for k, v in (("name", args.scheduler), ("max_epochs", args.max_epochs))
+                 if v is not None}
+    space = space_file.replace(sampler=args.sampler, scheduler=scheduler, fixed=fixed)
+    check_fixed_flags(space_file, fixed)  # after replace, which checks the values
+    resources = space.resources
+
+    def pick(flag: Any, key: str, default: Any) -> Any:
+        return flag if flag is not None else resources.get(key, default)
+
+    if args.trials < 1:
+        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    if args.warm_start_top < 1:
+        raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
+    gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
+        args.cpus_per_trial, "cpus_per_trial", 1.0)
+    if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
+        raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
+                        ">= 0 and one of them > 0")
+    max_concurrent = pick(args.max_concurrent, "max_concurrent", None)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    sampler_seed = next((s for s in (args.sampler_seed, args.seed) if s is not None), 0)
+    return SearchRequest(
+        space=space, trials=args.trials,
+        name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),
+        storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
+        cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
+        max_failures=args.max_failures, address=args.address, seed=sampler_seed,
+        command_line=args.command_line, warm_start=args.warm_start,
+        warm_start_top=args.warm_start_top)
+
+
+def continue_request(args: Any) -> SearchRequest:
+    """--resume or --add-trials N: the request the search was started with, from its
+    search.json; the space, data, sampler and seed stay as they were (Tune restores them on
+    --resume; --add-trials samples the same space, its sampler seeded past the trials
+    before)."""
+    flag = "--resume" if args.resume else "--add-trials"
+    if args.resume and args.add_trials is not None:
+        raise UserError("--resume and --add-trials: give one; resume an interrupted search "
+                        "first, then add trials")
+    if args.space or args.warm_start:
+        raise UserError(f"{flag} goes on with the search's own space and history; leave out "
+                        f"{'--space' if args.space else '--warm-start'}")
+    if args.add_trials is not None and args.add_trials < 1:
+        raise UserError(f"--add-trials must be >= 1, got {args.add_trials}")
+    if not args.name:
+        raise UserError(f"{flag} needs --name NAME of the search to continue")
+    name, storage = check_name(args.name), resolve_storage(args.storage)
+    run = RunDir.open(f"{storage.rstrip('/')}/{name}")
+    if not run.exists(SEARCH_FILE):
+        raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
+                        f"({run.uri} holds no {SEARCH_FILE})")
+    meta = run.read_json(SEARCH_FILE)
+    space = parse_space(meta["space_text"], meta["space_file"]).replace(
+        sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
+    return SearchRequest(
+        space=space, trials=meta["trials"] if args.resume else args.add_trials, name=name,
+        storage=storage, gpus_per_trial=meta["gpus_per_trial"],
+        cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures, address=args.address, seed=meta["seed"],
+        command_line=meta["command"] if args.resume else args.command_line)
