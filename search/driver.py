@@ -1,4 +1,4 @@
-"""`resnet-hpo search`: a space file becomes an OptunaSearch + ASHA run on Ray Tune.
+"""`resnet-hpo search`: a space file becomes a run of Optuna's sampler and ASHA on Ray Tune.
 
 Everything the user gave is checked (space, data, resources, run name) before a trial
 starts; the dataset is decoded once here, at the largest resolution the space allows, into
@@ -11,17 +11,15 @@ and add_trials.
 from __future__ import annotations
 
 import importlib.metadata
-import logging
-import math
 import shlex
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from optuna.storages.journal import JournalStorage
 
 from search.best import best_trial_lines
+from search.cluster import start_cluster
 from search.request import SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
 from search.study import (
@@ -39,8 +37,6 @@ from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace
 from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
-
-AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head
 
 
 def make_sampler(name: str, seed: int, trials: int) -> Any:
@@ -73,67 +69,6 @@ def make_scheduler(space: SearchSpace, objective: str) -> Any:
 
 def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
-
-
-def start_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
-        else:
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.ERROR)
-    except ConnectionError as e:
-        raise UserError(f"--address {address}: cannot join the Ray cluster ({e}); start it "
-                        "with `ray start --head` or `ray up cluster.yaml`") from None
-
-
-def node_capacity() -> list[dict[str, float]]:
-    import ray
-
-    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
-
-
-def autoscaler_node_types() -> list[dict[str, float]]:
-    """Resources of the worker types a `ray up` cluster can still start, if any."""
-    if not AUTOSCALER_CONFIG.exists():
-        return []
-    import yaml
-
-    config = yaml.safe_load(AUTOSCALER_CONFIG.read_text()) or {}
-    return [spec.get("resources", {}) for spec in config.get("available_node_types", {}).values()
-            if spec.get("max_workers", 0) > 0]
-
-
-def trials_that_fit(node: dict[str, float], cpus: float, gpus: float) -> int:
-    limits = [math.floor(node.get("CPU", 0) / cpus + 1e-9)] if cpus else []
-    if gpus:
-        limits.append(math.floor(node.get("GPU", 0) / gpus + 1e-9))
-    return min(limits) if limits else 1
-
-
-def check_resources(request: SearchRequest) -> int:
-    """Trials that can run at once now; one clear line when a trial fits on no node."""
-    cpus, gpus = request.cpus_per_trial, request.gpus_per_trial
-    if gpus > 1 and gpus != int(gpus):
-        raise UserError(f"--gpus-per-trial {gpus:g}: use a fraction <= 1 or a whole number")
-    nodes = node_capacity()
-    fits = sum(trials_that_fit(node, cpus, gpus) for node in nodes)
-    if fits:
-        return fits
-    if any(trials_that_fit(node, cpus, gpus) for node in autoscaler_node_types()):
-        print("no node fits a trial yet; the autoscaler will start one", flush=True)
-        return request.trials
-    total_cpu = sum(node.get("CPU", 0) for node in nodes)
-    total_gpu = sum(node.get("GPU", 0) for node in nodes)
-    largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-    raise UserError(
-        f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: no node of the Ray cluster "
-        f"has that much ({len(nodes)} node(s), {total_cpu:g} CPUs and {total_gpu:g} GPUs in "
-        f"all; the largest has {largest.get('CPU', 0):g} CPUs and {largest.get('GPU', 0):g} "
-        "GPUs); lower the request" + (" or use --gpus-per-trial 0" if not total_gpu else ""))
 
 
 def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
@@ -207,13 +142,6 @@ def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
     data = decoded.open()
     print(data.summary(), flush=True)
     return decoded, data
-
-
-def start_cluster(request: SearchRequest) -> int:
-    """Ray started or joined; how many trials run at once."""
-    start_ray(request.address)
-    fits = check_resources(request)
-    return request.max_concurrent or fits
 
 
 def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int, total: int

@@ -126,8 +126,8 @@ class SearchSpace:
 
 
 class DefineByRun:
-    """Optuna define-by-run function for OptunaSearch: samples the active parameters of a
-    trial and returns the fixed values with them.
+    """Optuna define-by-run function for the searcher (search/study_search.py): samples the
+    active parameters of a trial and returns the fixed values with them.
 
     A class, not a closure, so that Tune can pickle it into the experiment state and
     `--resume` can restore the search.

@@ -69,7 +69,7 @@ from pathlib import Path
 import grpc
 import ray
 
-from search.driver import start_ray
+from search.cluster import start_ray
 
 start_ray(None)
 node = ray._private.worker._global_node

@@ -19,7 +19,8 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 import search.driver as driver
 from search.cli import main
-from search.driver import check_resources, make_sampler, search_metadata
+from search.cluster import check_resources
+from search.driver import make_sampler, search_metadata
 from search.ensemble import ensemble_command
 from search.request import SearchRequest, request_from_args
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
@@ -292,8 +293,8 @@ def test_more_gpus_than_any_node_fails_at_once(tmp_path: Path, ray_session: None
 
 def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyPatch,
                                                      tmp_path: Path) -> None:
-    monkeypatch.setattr("search.driver.node_capacity", lambda: [{"CPU": 2.0}])
-    monkeypatch.setattr("search.driver.autoscaler_node_types", lambda: [])
+    monkeypatch.setattr("search.cluster.node_capacity", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr("search.cluster.autoscaler_node_types", lambda: [])
     args = type("Args", (), dict(space=str(search_space_file(tmp_path)), scheduler=None,
                                  max_epochs=None, sampler=None, trials=4, gpus_per_trial=0.25,
                                  cpus_per_trial=1.0, max_concurrent=None, max_failures=0,
@@ -336,7 +337,7 @@ def seed_space_file(tmp_path: Path) -> Path:
 def test_a_flag_that_fixes_a_searched_key_is_refused_naming_both(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         flag: str, value: str, key: str) -> None:
-    monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
+    monkeypatch.setattr("search.cluster.start_ray", never("start or join Ray"))
     monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
     space = seed_space_file(tmp_path)
     err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits", flag,
@@ -386,7 +387,7 @@ def test_a_bad_space_file_is_refused_before_ray_starts_or_data_is_read(
         lines: str, expected: str) -> None:
     import ray
 
-    monkeypatch.setattr("search.driver.start_ray", never("start or join Ray"))
+    monkeypatch.setattr("search.cluster.start_ray", never("start or join Ray"))
     monkeypatch.setattr(ray, "init", never("start or join Ray"))
     monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
     space = tmp_path / "space.yaml"

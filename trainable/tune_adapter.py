@@ -1,7 +1,7 @@
 """The thin Ray Tune adapter around `fit`: the only module of trainable/ that imports Ray.
 
 Each epoch's metrics go to `tune.report` with a checkpoint. The running best of the search
-metric is reported too (`best_<metric>`), because OptunaSearch tells the sampler the value
+metric is reported too (`best_<metric>`), because the searcher tells the study the value
 of a trial's last result, and ASHA should rank a trial by the best it has reached. Every
 row reported so far is saved beside the checkpoint (epochs.json), so the results writer can
 restore rows that a killed driver never wrote.
