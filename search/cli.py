@@ -66,7 +66,7 @@ def _search(args: argparse.Namespace) -> None:
     from search.request import continue_request, request_from_args
 
     if args.resume or args.add_trials is not None:
-        request = continue_request(args)
+        request = continue_request(args, config_overrides(args))
         (resume_search if args.resume else add_trials)(request)
     else:
         if not args.space:

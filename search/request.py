@@ -100,7 +100,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         warm_start_top=args.warm_start_top)
 
 
-def continue_request(args: Any) -> SearchRequest:
+def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     """--resume or --add-trials N: the request the search was started with, from its
     search.json; the space, data, sampler and seed stay as they were (Tune restores them on
     --resume; --add-trials samples the same space, its sampler seeded past the trials
@@ -109,9 +109,13 @@ def continue_request(args: Any) -> SearchRequest:
     if args.resume and args.add_trials is not None:
         raise UserError("--resume and --add-trials: give one; resume an interrupted search "
                         "first, then add trials")
-    if args.space or args.warm_start:
-        raise UserError(f"{flag} goes on with the search's own space and history; leave out "
-                        f"{'--space' if args.space else '--warm-start'}")
+    ignored = [f"--{key.replace('_', '-')}" for key in (
+        "space", "warm_start", "sampler", "scheduler", "max_epochs", "gpus_per_trial",
+        "cpus_per_trial", "seed", "sampler_seed", *fixed) if getattr(args, key, None)
+        is not None]
+    if ignored:
+        raise UserError(f"{flag} goes on with the search's own space, resources and history; "
+                        f"leave out {', '.join(ignored)}")
     if args.add_trials is not None and args.add_trials < 1:
         raise UserError(f"--add-trials must be >= 1, got {args.add_trials}")
     if not args.name:

@@ -309,6 +309,11 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--space", "quick", "--name", "../escape"], "--name '../escape': use letters"),
     (["--name", "nosuch", "--resume"], "--resume: there is no search named 'nosuch'"),
+    (["--name", "x", "--resume", "--lr", "0.1", "--seed", "3"],
+     "--resume goes on with the search's own space, resources and history; leave out --seed, "
+     "--lr"),
+    (["--name", "x", "--add-trials", "2", "--gpus-per-trial", "1"],
+     "leave out --gpus-per-trial"),
     (["--space", "nosuch"], "--space nosuch: no such shipped space"),
     (["--space", "quick", "--sampler", "anneal"], "key 'sampler' must be one of"),
     (["--space", "quick", "--scheduler", "pbt"], "key 'scheduler.name' must be one of"),
