@@ -298,7 +298,7 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
     for key in ("low", "high"):
         if key not in spec:
             raise UserError(f"{where}: '{key}' is required for type {kind}")
-        bounds.append(cast_value(name, spec[key], f"{where}: '{key}'"))
+        bounds.append(cast_value(name, spec[key], f"{src}: key 'search.{name}.{key}'"))
     low, high = bounds
     if low >= high:
         raise UserError(f"{where}: low ({low:g}) must be < high ({high:g})")
@@ -307,7 +307,7 @@ def _param(src: str, name: str, spec: Any, fixed: dict[str, Any]) -> Param:
         raise UserError(f"{where}: 'log' must be true or false, got {log!r}")
     if log and low <= 0:
         raise UserError(f"{where}: log scale needs low > 0, got {low:g}")
-    step = (cast_value(name, spec["step"], f"{where}: 'step'", check_range=False)
+    step = (cast_value(name, spec["step"], f"{src}: key 'search.{name}.step'", check_range=False)
             if "step" in spec else None)
     if step is not None and (step <= 0 or log):
         raise UserError(f"{where}: 'step' must be > 0 and cannot be combined with log")

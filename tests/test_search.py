@@ -64,9 +64,16 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
         return build(request, data)
 
     monkeypatch.setattr(driver, "build_trainable", recording_build)
-    space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
+    # ASHA's one rung is epoch 2, where an lr below 1e-4 is still at chance (about 0.13) and
+    # one above 1e-2 is past 0.3; a trial is stopped there when it is below the median of
+    # those recorded before it. Seeded 6, the random sampler's lrs are 0.078 and 0.031 for
+    # the first two trials, then 3.9e-6: whichever of the two reported first, the third
+    # starts after one of them ended, so it is stopped, whatever the machine's numerics.
+    space = search_space_file(tmp_path, max_epochs=3, grace_period=2)
+    space.write_text(space.read_text().replace("low: 0.01, high: 0.3", "low: 1.0e-6, high: 0.3")
+                     .replace("metric: val_acc", "metric: val_acc\nsampler: random"))
     run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "6",
-                 "--cpus-per-trial", "1")
+                 "--cpus-per-trial", "1", "--sampler-seed", "6")
     out = capsys.readouterr().out
     # Trials get where the decoded file is, not the arrays; the run holds it (a hard link).
     decoded = decode_dataset("digits", 8, TrainConfig().val_fraction)
@@ -79,6 +86,7 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
     epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
     assert len(trials) == 6 and set(trials.status) == {"TERMINATED"}
     assert (trials.epochs_run < 3).any(), "ASHA stopped no trial early"
+    assert set(trials[trials.epochs_run < 3].epochs_run) == {2}
     assert trials.stopped_early.sum() == (trials.epochs_run < 3).sum()
     assert len(epochs) == trials.epochs_run.sum()
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
@@ -403,7 +411,7 @@ def never(what: str) -> Callable[..., None]:
     ("search:\n  warmup_epoch: {type: float, low: 0, high: 1}",
      "search: unknown key 'warmup_epoch'; did you mean 'warmup_epochs'?"),
     ("search:\n  lr: {type: float, low: -0.1, high: 0.1}",
-     "key 'search.lr': must be in (0, 10], got -0.1"),
+     "key 'search.lr.low': must be in (0, 10], got -0.1"),
     ("fixed: {lr: -0.1}", "config key 'lr': must be in (0, 10], got -0.1"),
     ("search:\n  momentum: {type: float, low: 0.8, high: 0.99, when: {optimiser: sgd}}",
      "key 'search.momentum.when' refers to 'optimiser'"),
