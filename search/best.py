@@ -97,6 +97,8 @@ def best_command(run_uri: str, output: str | None) -> None:
     epochs = retrain_epochs(trial, cfg)
     print("\n".join(best_trial_lines(run)))
     print(f"config: {config_path}")
+    if cfg.weights not in ("imagenet", "none"):
+        print(f"weights: {cfg.weights} (the search's backbone, which the config names)")
     if epochs != trial["best_epoch"]:
         print(f"note: --epochs {epochs}, not {trial['best_epoch']}: the warmup "
               f"({cfg.warmup_epochs:g} epochs) must fit in the epochs")

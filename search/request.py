@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.rundir import SEARCH_FILE, RunDir
+from optuna.distributions import CategoricalDistribution
+
+from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import SearchSpace, load_space, parse_space
+from trainable.config import TrainConfig
 from trainable.errors import UserError
+from trainable.model import build_model
 from trainable.storage import is_uri
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -64,6 +68,54 @@ def check_fixed_flags(space: SearchSpace, fixed: dict[str, Any]) -> None:
                             f"'{param.name}' from the space's search{sampler}")
 
 
+def resolve_weights(weights: str) -> str:
+    """`weights` as a config holds them: a search's run directory becomes its best trial's
+    checkpoint directory (SearchRun.ranked[0]); other values stay as they are."""
+    if weights in ("imagenet", "none"):
+        return weights
+    rundir = RunDir.open(weights)
+    if not rundir.exists(SEARCH_FILE):
+        return weights
+    run = SearchRun.open(weights) if rundir.exists(TRIALS_FILE) else None
+    best = run.ranked[0] if run is not None and run.ranked else None
+    if best is None or not best["checkpoint_path"]:
+        raise UserError(f"weights {weights}: no trial of this search has a checkpoint and "
+                        "a score yet, so it has no best trial to start from; wait for one, or "
+                        "use other weights")
+    return str(best["checkpoint_path"])
+
+
+def check_weights(cfg: TrainConfig) -> None:
+    """The UserError that a model of `cfg` would raise for its weights, raised now: before
+    data is read or anything is written. imagenet is left to the trials, since the driver
+    may lack the network their nodes have."""
+    if cfg.weights not in ("imagenet", "none"):
+        build_model(cfg, num_classes=1)
+
+
+def resolve_space_weights(space: SearchSpace) -> SearchSpace:
+    """The space with its fixed weights resolved (resolve_weights); every weights value its
+    trials can have is checked with every stem they can have. A searched choice is used as
+    written, so it must be written as a config holds it."""
+    choices = {p.name: p.distribution.choices for p in space.params
+               if isinstance(p.distribution, CategoricalDistribution)}
+    for choice in choices.get("weights", ()):
+        held = resolve_weights(TrainConfig(weights=str(choice)).weights)
+        if held != choice:
+            raise UserError(f"{space.source}: key 'search.weights': the choice {choice!r} "
+                            f"stands for {held}; write it so, or fix weights instead (a "
+                            "searched choice is used as written)")
+    if "weights" in space.fixed:
+        resolved = resolve_weights(space.fixed["weights"])
+        if resolved != space.fixed["weights"]:
+            space = space.replace(fixed={"weights": resolved})
+    config = space.config({})
+    for weights in choices.get("weights", (config.weights,)):
+        for stem in choices.get("stem", (config.stem,)):
+            check_weights(config.replace(weights=weights, stem=stem))
+    return space
+
+
 def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     """A new search: the space file, overridden by the flags; `fixed` holds the config
     flags."""
@@ -90,6 +142,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     sampler_seed = next((s for s in (args.sampler_seed, args.seed) if s is not None), 0)
+    space = resolve_space_weights(space)  # reads the weights: after the quick checks
     return SearchRequest(
         space=space, trials=args.trials,
         name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from search.request import check_weights, resolve_weights
 from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
 from trainable.device_images import DeviceImages
@@ -16,10 +17,12 @@ from trainable.train import SaveCheckpoint, evaluate
 
 
 def resolve_config(config_file: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The file's values, then the flags on top; each error names where the value came from."""
+    """The file's values, then the flags on top; each error names where the value came from.
+    Weights that are a search's run directory become its best trial's checkpoint."""
     cfg = TrainConfig.from_dict(read_yaml_mapping(config_file) if config_file else {},
                                 source=config_file)
-    return TrainConfig.from_dict({**cfg.to_dict(), **overrides}, source="flags")
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), **overrides}, source="flags")
+    return cfg.replace(weights=resolve_weights(cfg.weights))
 
 
 def print_epoch(metrics: dict[str, float], total_epochs: int) -> None:
@@ -36,6 +39,7 @@ def train_command(config_file: str | None, overrides: dict[str, Any], output: st
     if (out / MODEL_FILE).exists():
         raise UserError(f"--output {out}: already holds a model ({MODEL_FILE}); choose another "
                         "directory or remove it")
+    check_weights(cfg)
     data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
     print(data.summary(), flush=True)
 

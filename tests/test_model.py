@@ -33,7 +33,7 @@ def test_unfreeze_depth_trains_exactly_the_stages_counted_from_the_head(depth: i
     assert model.fc.out_features == 7
 
 
-def test_cifar_stem_is_new_and_always_trains() -> None:
+def test_a_cifar_stem_without_weights_is_new_and_always_trains() -> None:
     model = build_model(TrainConfig(weights="none", stem="cifar", unfreeze_depth=0), 10)
     assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)
     assert model.conv1.weight.requires_grad and not model.bn1.weight.requires_grad
@@ -123,8 +123,8 @@ def test_a_resnet50_state_dict_is_rejected(tmp_path: Path) -> None:
 
 
 def test_missing_weights_file_names_the_alternatives(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no such file; use a ResNet18 state-dict file, "
-                                        "imagenet or none"):
+    with pytest.raises(UserError, match=r"absent\.pth: no such file or directory; use imagenet, "
+                                        "none, or ResNet18 weights: a state-dict file"):
         build_model(TrainConfig(weights=str(tmp_path / "absent.pth")), 3)
 
 

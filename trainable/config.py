@@ -36,7 +36,9 @@ class TrainConfig:
                                  "when the source has no val split", 0.0, 1.0, True, True)
     # Model.
     weights: str = _field("imagenet", "imagenet (torchvision's download and cache) | none | "
-                          "PATH to a ResNet18 state-dict file")
+                          "PATH or URI of ResNet18 weights: a state-dict file, a model "
+                          "directory (resnet-hpo train), a trial checkpoint, or a search's run "
+                          "directory (its best trial's checkpoint); fc is always new")
     stem: Literal["imagenet", "cifar"] = _field(
         "imagenet", "imagenet: 7x7 conv + max-pool; cifar: 3x3 conv, no max-pool "
         "(for ~32px images)")
@@ -86,6 +88,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, cast_value(f.name, getattr(self, f.name)))
+        self.weights = weights_location(self.weights)
         if not self.data.strip():
             raise UserError("config key 'data': must not be empty; use digits, cifar10[:ROOT], "
                             "cifar100[:ROOT] or imagefolder:PATH")
@@ -121,6 +124,17 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+def weights_location(weights: str) -> str:
+    """`weights` as a config holds it: a local path made absolute, so that the config works
+    from any directory; imagenet, none and storage URIs as they are."""
+    if weights in ("imagenet", "none"):
+        return weights
+    # imported here: trainable.storage imports pyarrow, which the CLI's flags do without
+    from trainable.storage import is_uri
+
+    return weights if is_uri(weights) else str(Path(weights).expanduser().resolve())
 
 
 def field_names() -> list[str]:

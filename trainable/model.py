@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
-from torchvision.models import ResNet, ResNet18_Weights, resnet18
+from torchvision.models import ResNet, resnet18
 
 from trainable.augment import IMAGENET_MEAN, IMAGENET_STD, resize
 from trainable.config import TrainConfig
-from trainable.errors import UserError
+from trainable.weights import load_pretrained
 
 # Stages counted from the head: unfreeze_depth d trains STAGES[:d + 1]; the stage at
 # distance k from the head gets lr * layer_decay**k.
@@ -22,18 +19,16 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     """ResNet18 with the requested stem and weights, a new fc, and frozen stages frozen."""
     model = resnet18(weights=None)
     if cfg.stem == "cifar":
-        # A 3x3 stride-1 stem without max-pool keeps 32px images at a useful size. ImageNet
-        # weights have no such conv1, so the CIFAR stem always trains, like fc.
+        # A 3x3 stride-1 stem without max-pool keeps 32px images at a useful size.
         model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()  # type: ignore[assignment]
-    if cfg.weights == "imagenet":
-        load_backbone(model, _imagenet_state_dict(), "weights 'imagenet'")
-    elif cfg.weights != "none":
-        load_backbone(model, read_state_dict(Path(cfg.weights)), f"weights file {cfg.weights}")
+    loaded = load_pretrained(model, cfg.weights)
     model.fc = nn.Linear(model.fc.in_features, num_classes)
+    # A CIFAR stem the weights lack (ImageNet's conv1 is 7x7) is new, so it trains like fc.
+    new_stem = cfg.stem == "cifar" and "conv1.weight" not in loaded
     for name, param in model.named_parameters():
         param.requires_grad_(stage_distance(name) <= cfg.unfreeze_depth
-                             or (cfg.stem == "cifar" and name.startswith("conv1.")))
+                             or (new_stem and name.startswith("conv1.")))
     return model
 
 
@@ -118,55 +113,3 @@ def build_optimizer(model: ResNet, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-
-
-def _imagenet_state_dict() -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights, from its cache ($TORCH_HOME) or downloaded once."""
-    try:
-        return ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError
-        raise UserError(
-            f"weights 'imagenet': not in torchvision's cache ({torch.hub.get_dir()}) and the "
-            f"download failed ({e}); use --weights PATH (a ResNet18 state-dict file) or "
-            "--weights none") from None
-
-
-def load_torch_file(path: Path, advice: str, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load with weights_only=True, so nothing in the file runs. A missing file, or one
-    torch.save did not write, is one UserError naming it, then `advice`."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file; {advice}") from None
-    except Exception as e:  # unpickling errors come in many types
-        raise UserError(f"{path}: not a loadable PyTorch file ({type(e).__name__}); {advice}"
-                        ) from None
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a file: a plain one, or the `model` entry of a checkpoint of ours."""
-    state = load_torch_file(path, "use a ResNet18 state-dict file, imagenet or none")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        raise UserError(f"weights file {path}: not a ResNet18 state dict (expected a mapping "
-                        "of parameter names to tensors)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
-
-
-def load_backbone(model: ResNet, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Load everything but fc; conv1 is skipped where its shape is another stem's."""
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing = sorted(set(expected) - set(backbone))
-    unexpected = sorted(set(backbone) - set(expected))
-    wrong = [k for k in expected.keys() & backbone.keys()
-             if backbone[k].shape != expected[k].shape and k != "conv1.weight"]
-    if missing or unexpected or wrong:
-        what = (f"missing {missing[0]}" if missing else f"unexpected key {unexpected[0]}"
-                if unexpected else f"{wrong[0]} has shape {tuple(backbone[wrong[0]].shape)}")
-        raise UserError(f"{origin}: not a ResNet18 state dict ({what})")
-    if backbone["conv1.weight"].shape != expected["conv1.weight"].shape:
-        del backbone["conv1.weight"]
-    model.load_state_dict(backbone, strict=False)

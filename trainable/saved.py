@@ -24,8 +24,9 @@ from torchvision.models import ResNet
 from trainable.config import TrainConfig, read_yaml_mapping
 from trainable.errors import UserError
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
-from trainable.model import ImageClassifier, build_model, load_torch_file
+from trainable.model import ImageClassifier, build_model
 from trainable.ranking import best_epoch_row, metric_mode
+from trainable.weights import load_torch_file
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"

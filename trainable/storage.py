@@ -79,24 +79,40 @@ def upload_dir(directory: Path, target_fs: pafs.FileSystem, target: str) -> None
 
 
 @contextmanager
-def local_dir(location: str) -> Iterator[Path]:
-    """The directory `location` (a local path, or a URI of any pyarrow filesystem, such as a
-    trial checkpoint in s3://) on this disk: itself, or a copy deleted after the block. A
-    UserError raised in the block names `location`, not the copy."""
+def local_copy(location: str, *, directory: bool = False) -> Iterator[Path]:
+    """The file or directory `location` (a local path, or a URI of any pyarrow filesystem,
+    such as a trial checkpoint in s3://) on this disk: itself, or a copy deleted after the
+    block. `directory`: nothing but a directory will do. A UserError raised in the block
+    names `location`, not the copy."""
+    what = "directory" if directory else "file or directory"
     if not is_uri(location):
-        if not Path(location).is_dir():
-            raise UserError(f"{location}: no such directory")
+        if not (Path(location).is_dir() if directory else Path(location).exists()):
+            raise UserError(f"{location}: no such {what}")
         yield Path(location)
         return
     fs, path = open_uri(location)
-    with tempfile.TemporaryDirectory(prefix="resnet-hpo-") as copy:
+    with tempfile.TemporaryDirectory(prefix="resnet-hpo-") as scratch:
+        copy = os.path.join(scratch, posixpath.basename(path.rstrip("/")) or "copy")
         try:
-            if fs.get_file_info(path).type != pafs.FileType.Directory:
-                raise UserError(f"{location}: no such directory")
-            pafs.copy_files(path, copy, source_filesystem=fs, destination_filesystem=LOCAL)
+            kind = fs.get_file_info(path).type
+            if kind == pafs.FileType.NotFound or (directory
+                                                  and kind != pafs.FileType.Directory):
+                raise UserError(f"{location}: no such {what}")
+            if kind == pafs.FileType.Directory:
+                os.mkdir(copy)  # copy_files makes no empty directory
+                pafs.copy_files(path, copy, source_filesystem=fs, destination_filesystem=LOCAL)
+            else:
+                copy_file(fs, path, LOCAL, copy)
         except (OSError, pa.ArrowInvalid) as e:
             raise UserError(f"{location}: cannot copy it to this machine ({e})") from None
         try:
             yield Path(copy)
         except UserError as e:
-            raise UserError(str(e).replace(copy, location)) from None
+            raise UserError(str(e).replace(copy, location.rstrip("/"))) from None
+
+
+@contextmanager
+def local_dir(location: str) -> Iterator[Path]:
+    """The directory `location` on this disk, as local_copy gives it."""
+    with local_copy(location, directory=True) as path:
+        yield path
