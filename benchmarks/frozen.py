@@ -98,7 +98,7 @@ def subsample(data: Dataset, images: int) -> Dataset:
 def timed_fit(cfg: TrainConfig, data: Dataset, cached: bool,
               cpu_time: bool) -> tuple[list[float], float, float]:
     """(seconds of each epoch after the first, the one-time cost, the last val_acc)."""
-    trainable.frozen.ENABLED = cached
+    trainable.frozen.CACHE_OUTPUTS = cached
     clock = Stopwatch(torch.device("cpu"), cpu_time)
     ends: list[float] = []
     clock.start()

@@ -50,7 +50,7 @@ def count_stem_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def uncached_history(cfg: TrainConfig, data: Dataset,
                      monkeypatch: pytest.MonkeyPatch) -> list[dict[str, float]]:
     with monkeypatch.context() as patch:
-        patch.setattr(frozen, "ENABLED", False)
+        patch.setattr(frozen, "CACHE_OUTPUTS", False)
         return fit(cfg, data=data).history
 
 

@@ -36,7 +36,7 @@ from trainable.errors import UserError
 from trainable.model import split_frozen
 from trainable.runtime import Runtime
 
-ENABLED = True  # False: frozen stages run every epoch, as they do for augmented images
+CACHE_OUTPUTS = True  # False: frozen stages run every epoch, as for augmented images
 CACHE_FORMAT = "v1"  # part of every key: a new layout never reads an old one
 NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16,
                 torch.bfloat16: np.int16}  # numpy has no bfloat16: its files hold the bits
@@ -75,7 +75,7 @@ def trial_inputs(model: ResNet, cfg: TrainConfig, data: Dataset, rt: Runtime,
     prefix, rest = split_frozen(model, cfg.unfreeze_depth)
     if len(prefix) == 0:
         return model, train, val
-    if augments(cfg, data.source) or not ENABLED:
+    if augments(cfg, data.source) or not CACHE_OUTPUTS:
         return nn.Sequential(WithoutGrad(prefix), rest), train, val
     prefix.eval()  # frozen BatchNorm: its running statistics
     dtype = rt.amp_dtype or torch.float32
@@ -167,6 +167,8 @@ def _write(directory: Path, images: dict[str, DeviceImages], fill: Fill,
             path = hidden / f"{name}.npy"
             array = np.lib.format.open_memmap(path, mode="w+", dtype=NUMPY_DTYPES[dtype],
                                               shape=(len(split), *row_shape))
+            with open(path, "r+b") as file:  # a full disk fails here, not as a SIGBUS in fill
+                os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
             fill(split, torch.from_numpy(array).view(dtype))
             array.flush()
             with open(path, "rb") as file:
