@@ -9,9 +9,9 @@ With the cache the frozen stages map every train and val image once before the f
 and each epoch runs only the trainable ones; without it they run in every epoch, as they do
 when the images are augmented. The first epoch is not timed; its time with the one-time work
 before it, less a timed epoch, is each run's one-time cost, and the cached run's less the
-uncached run's is the cache's. The repeats alternate the two paths and each path's fastest
-timed epoch counts. The last line is `ratio: X.XX`: the uncached per-epoch time over the
-cached at depth 0; the line above it is the same at depth 1.
+uncached run's is the cache's. The repeats alternate the two paths; each path's fastest
+timed epoch and least one-time cost count. The last line is `ratio: X.XX`: the uncached
+per-epoch time over the cached at depth 0; the line above it is the same at depth 1.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def measure(depth: int, data: Dataset, args: argparse.Namespace, clock: str) -> 
         print(f"  depth {depth} repeat {repeat + 1} {'cached  ' if cached else 'uncached'} "
               f"s per timed epoch: {' '.join(f'{s:.4f}' for s in epoch_s)}; one-time "
               f"{one_time_s:.3f} s; last val_acc {val_acc:.4f}", flush=True)
-        if cached not in best or min(epoch_s) < best[cached][0]:
-            best[cached] = (min(epoch_s), one_time_s)
+        fastest, least = best.get(cached, (float("inf"), float("inf")))
+        best[cached] = (min(fastest, *epoch_s), min(least, one_time_s))
     (cached_s, cached_once), (uncached_s, uncached_once) = best[True], best[False]
     print(f"depth {depth} ({STAGES_TRAINED[depth]}): uncached {uncached_s:.4f} s/epoch, "
           f"cached {cached_s:.4f} s/epoch; the cache's one-time cost "
