@@ -55,6 +55,15 @@ def test_packing_runs_concurrent_trial_processes() -> None:
 
 
 @pytest.mark.slow
+def test_frozen_prints_the_depth_1_ratio_then_the_depth_0_ratio() -> None:
+    lines = run_script("frozen.py", "--images", "32", "--resolution", "16", "--batch-size", "16",
+                       "--epochs", "2", "--repeats", "1")
+    assert re.fullmatch(r"depth 1 ratio: \d+\.\d\d \(target >= 1\.5\)", lines[-2])
+    assert re.fullmatch(r"ratio: \d+\.\d\d", lines[-1])
+    assert any(re.match(r"depth 0 \(fc only\): .* one-time cost [+-]\d", line) for line in lines)
+
+
+@pytest.mark.slow
 def test_data_scale_prints_the_driver_memory_and_mapped_throughput_ratios() -> None:
     lines = run_script("data_scale.py", "--sizes", "300,600", "--batches", "1", "--repeats", "1")
     assert re.fullmatch(r"driver peak RSS at N=600 / N=300: \d+\.\d\d \(at most 1\.3\)",
@@ -77,6 +86,7 @@ def test_benchmarks_and_trainable_import_neither_ray_nor_optuna() -> None:
     """The GPU machines that run the benchmarks have no Ray, Optuna or project install."""
     check = ("import sys; "
              "import benchmarks.throughput, benchmarks.packing, benchmarks.data_scale, "
+             "benchmarks.frozen, "
              "trainable.train; "
              "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
              "('ray', 'optuna', 'search')); print(bad); sys.exit(bool(bad))")

@@ -54,6 +54,8 @@ U = TypeVar("U")
 class Split:
     images: np.ndarray  # uint8, (N, 3, R, R)
     labels: np.ndarray  # int64, (N,)
+    # What the rows are: the split of a decoded file (DecodedData.key:split name), else None
+    key: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -105,7 +107,7 @@ class DecodedData:
                 if not is_complete(self.directory):
                     fetch(self.run_uri, self.key, self.directory)
         meta, images, labels = read_decoded(self.directory)
-        splits = {name: Split(images[start:stop], labels[start:stop])
+        splits = {name: Split(images[start:stop], labels[start:stop], f"{self.key}:{name}")
                   for name, (start, stop) in meta["splits"].items()}
         return Dataset(meta["source"], meta["resolution"], meta["class_names"],
                        splits["train"], splits["val"], splits.get("test"))

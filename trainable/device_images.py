@@ -1,6 +1,6 @@
-"""A split's images and labels served in batches on the trial's device: resident there when
-they fit the trial's budget, else gathered per batch into pinned memory and copied on a side
-stream while the step before runs."""
+"""A split's images (or what a trial's frozen stages made of them) and labels served in
+batches on the trial's device: resident there when they fit the trial's budget, else gathered
+per batch into pinned memory and copied on a side stream while the step before runs."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ DEVICE_RESIDENT_SHARE = 0.25
 
 
 def resident_budget(device: torch.device, gpu_share: float = 1.0) -> int:
-    """Bytes of uint8 images that may live on `device`: on a GPU, DEVICE_RESIDENT_SHARE of
-    this trial's share of its memory (trials packed on one GPU each count their fraction);
-    on the CPU the images are used where they are, so anything goes."""
+    """Bytes of uint8 images (or frozen stages' outputs) that may live on `device`: on a GPU,
+    DEVICE_RESIDENT_SHARE of this trial's share of its memory (trials packed on one GPU each
+    count their fraction); on the CPU the images are used where they are, so anything goes."""
     if device.type != "cuda":
         return sys.maxsize
     total = torch.cuda.get_device_properties(device).total_memory
@@ -31,7 +31,9 @@ def resident_budget(device: torch.device, gpu_share: float = 1.0) -> int:
 
 
 class DeviceImages:
-    """A split's uint8 images and labels, served in batches on the device.
+    """A split's uint8 images and labels, served in batches on the device; or, given `rows`,
+    those rows (of any dtype and shape, on the host or the device) in place of the images:
+    the outputs of a trial's frozen stages (`trainable.frozen`).
 
     Images up to `resident_bytes` are indexed where they land with one copy to the device
     (on the CPU: no copy at all, the mapped file itself, whose pages the trials of a node
@@ -40,10 +42,11 @@ class DeviceImages:
     side stream while the step before it runs.
     """
 
-    def __init__(self, split: Split, device: torch.device, resident_bytes: int | None = None):
+    def __init__(self, split: Split, device: torch.device, resident_bytes: int | None = None,
+                 *, rows: torch.Tensor | None = None):
         with warnings.catch_warnings():  # mapped arrays are read-only; we never write
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            images = torch.from_numpy(split.images)
+            images = torch.from_numpy(split.images) if rows is None else rows
             self.host_labels = torch.from_numpy(np.ascontiguousarray(split.labels))
         self.labels = self.host_labels.to(device)
         self.device = device
@@ -66,7 +69,7 @@ class DeviceImages:
 
     def batches(self, batch_indices: Iterable[torch.Tensor]
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(uint8 images, labels) on the device for each tensor of indices, in order."""
+        """(images or rows, labels) on the device for each tensor of indices, in order."""
         if not self.resident:
             yield from self._gathered(list(batch_indices))
             return
@@ -90,7 +93,7 @@ class DeviceImages:
             buffer = buffers[slot]
             if buffer is None or len(buffer) < len(idx):
                 buffer = buffers[slot] = torch.empty((len(idx), *self.images.shape[1:]),
-                                                     dtype=torch.uint8, pin_memory=cuda)
+                                                     dtype=self.images.dtype, pin_memory=cuda)
             host = buffer[:len(idx)]
             torch.index_select(self.images, 0, rows, out=host)
             restore = order.argsort()  # back to the batch's own order on the device

@@ -32,6 +32,23 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
     return model
 
 
+def split_frozen(model: ResNet, depth: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(frozen prefix, trainable rest) of a ResNet at unfreeze depth `depth`, made of its own
+    modules: rest(prefix(x)) is model(x). The prefix holds the stages farther from the head
+    than `depth`, as far as none of their parameters trains (the CIFAR stem always does):
+    at depth 0 it ends with the flattened pooled features and the rest is fc; at depth 5 it
+    is empty."""
+    stages = [[model.conv1, model.bn1, model.relu, model.maxpool], [model.layer1],
+              [model.layer2], [model.layer3], [model.layer4, model.avgpool, nn.Flatten(1)],
+              [model.fc]]  # in forward order: distance 5 from the head first
+    frozen = len(STAGES) - 1 - depth
+    while any(p.requires_grad for stage in stages[:frozen] for module in stage
+              for p in module.parameters()):
+        frozen -= 1
+    return (nn.Sequential(*(m for stage in stages[:frozen] for m in stage)),
+            nn.Sequential(*(m for stage in stages[frozen:] for m in stage)))
+
+
 def penultimate_features(model: ResNet, x: torch.Tensor) -> torch.Tensor:
     """ResNet18 up to its fc: the globally pooled features, (N, fc.in_features)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))

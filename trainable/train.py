@@ -23,6 +23,7 @@ from trainable.config import TrainConfig
 from trainable.data import Dataset, load_dataset
 from trainable.device_images import DeviceImages, resident_budget
 from trainable.errors import UserError
+from trainable.frozen import augments, trial_inputs
 from trainable.model import build_model, build_optimizer, set_train_mode
 from trainable.ranking import best_epoch_row, is_better, metric_mode
 from trainable.runtime import Runtime
@@ -70,10 +71,6 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
-    forward: nn.Module = torch.compile(model) if cfg.compile else model  # type: ignore[assignment]
-    budget = resident_budget(rt.device, gpu_share)
-    train = DeviceImages(data.train, rt.device, budget)
-    val = DeviceImages(data.val, rt.device, budget - train.device_bytes)
     result = FitResult(model)
     mode = metric_mode(cfg.metric)
     best_state = copy.deepcopy(model.state_dict())
@@ -87,6 +84,9 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
             state["best_model"], state["epoch"], list(state["history"]))
         best = best_epoch_row(result.history, cfg.metric, mode)
         result.best_epoch = int(best["epoch"]) if best else 0
+    # after the resume: frozen stages' outputs are computed from the weights the run goes on with
+    module, train, val = trial_inputs(model, cfg, data, rt, resident_budget(rt.device, gpu_share))
+    forward: nn.Module = torch.compile(module) if cfg.compile else module  # type: ignore[assignment]
 
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
@@ -126,25 +126,29 @@ def save_checkpoint(directory: Path, *, cfg: TrainConfig, epochs_done: int, mode
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, images: DeviceImages, cfg: TrainConfig,
                     rt: Runtime, epoch: int, data: Dataset) -> tuple[float, float, float]:
-    """One pass over the training split; returns (mean loss, last head lr, images/s)."""
+    """One pass over the training split (images, or the frozen stages' outputs); returns
+    (mean loss, last head lr, images/s)."""
     set_train_mode(model, True)
     seed = epoch_seed(cfg.seed, epoch)
     batch_indices = shuffled_batches(images, cfg.batch_size, seed)
     micro_batches, batch_size = batch_indices.shape
     steps = math.ceil(micro_batches / cfg.accumulate_steps)
     crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
+    augment = augments(cfg, data.source)
     device_gen = torch.Generator(rt.device).manual_seed(seed)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
     loss_sum = torch.zeros((), device=rt.device)
     lr = cfg.lr
     start = time.perf_counter()
-    for i, (uint8, labels) in enumerate(images.batches(batch_indices)):
+    for i, (rows, labels) in enumerate(images.batches(batch_indices)):
         step, micro = divmod(i, cfg.accumulate_steps)
         if micro == 0:
             lr = set_lr(optimizer, cfg, epoch * steps + step, steps)
-        x = crop_and_flip(rt.prepare(uint8), crop, hflip, device_gen)
-        x, targets = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
-                         cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
+        x = model_input(rows, rt)
+        targets = soft_targets(labels, data.num_classes, cfg.label_smoothing)
+        if augment:  # never for frozen stages' outputs
+            x, targets = mix(crop_and_flip(x, crop, hflip, device_gen), targets,
+                             cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
         with rt.autocast():
             loss = F.cross_entropy(model(x), targets)
         accumulate = min(cfg.accumulate_steps, micro_batches - step * cfg.accumulate_steps)
@@ -197,11 +201,17 @@ def predict_outputs(model: nn.Module, images: DeviceImages, rt: Runtime,
     the device, in the split's order, never augmented."""
     set_train_mode(model, False)
     outputs = []
-    for uint8, _ in images.batches(torch.arange(len(images), device=images.index_device)
-                                   .split(batch_size)):
+    for rows, _ in images.batches(torch.arange(len(images), device=images.index_device)
+                                  .split(batch_size)):
         with rt.autocast():
-            outputs.append(model(rt.prepare(uint8)).float())
+            outputs.append(model(model_input(rows, rt)).float())
     return torch.cat(outputs)
+
+
+def model_input(rows: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """A batch as the model takes it: uint8 images prepared (resized, normalised); the
+    outputs of frozen stages (`trainable.frozen`) as they are."""
+    return rt.prepare(rows) if rows.dtype == torch.uint8 else rows
 
 
 def evaluate(model: nn.Module, images: DeviceImages, rt: Runtime,
