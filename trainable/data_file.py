@@ -80,6 +80,21 @@ def _remove_partial(directory: Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+@contextmanager
+def written_whole(directory: Path) -> Iterator[Path]:
+    """A hidden sibling of `directory` to write into, renamed to `directory` when the block
+    ends and removed if it raises, with what killed writers left (hold its node_lock)."""
+    _remove_partial(directory)
+    hidden = _hidden_sibling(directory)
+    hidden.mkdir(parents=True)
+    try:
+        yield hidden
+    except BaseException:
+        shutil.rmtree(hidden, ignore_errors=True)
+        raise
+    hidden.rename(directory)
+
+
 def _create_npy(path: Path, dtype: type, shape: tuple[int, ...]) -> BinaryIO:
     """An .npy file of `shape` (zeros, sparse on disk), open at its first row for writing."""
     file = open(path, "w+b", buffering=WRITE_BUFFER_BYTES)  # noqa: SIM115 (the writer closes it)
@@ -221,15 +236,8 @@ def fetch(run_uri: str, key: str, directory: Path) -> None:
     if fs.get_file_info(posixpath.join(source, META_FILE)).type != pafs.FileType.File:
         raise UserError(f"{uri}: the search's decoded data is not there (or not complete); "
                         "was the run directory moved or cleaned while trials still ran?")
-    _remove_partial(directory)
-    hidden = _hidden_sibling(directory)
-    hidden.mkdir(parents=True)
-    try:
+    with written_whole(directory) as hidden:
         for name in (IMAGES_FILE, LABELS_FILE, META_FILE):
             copy_file(fs, posixpath.join(source, name), LOCAL, str(hidden / name), link=True)
             with open(hidden / name, "rb") as file:
                 os.fsync(file.fileno())
-        hidden.rename(directory)
-    except BaseException:
-        shutil.rmtree(hidden, ignore_errors=True)
-        raise

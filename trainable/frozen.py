@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from torchvision.models import ResNet, ResNet18_Weights
 from trainable.augment import resolve_crop, resolve_flip
 from trainable.config import TrainConfig
 from trainable.data import CACHE_WRITE_ERRORS, Dataset, cache_dir
-from trainable.data_file import _hidden_sibling, _remove_partial, node_lock
+from trainable.data_file import node_lock, written_whole
 from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.model import split_frozen
@@ -159,10 +158,7 @@ def _write(directory: Path, images: dict[str, DeviceImages], fill: Fill,
            row_shape: torch.Size, dtype: torch.dtype) -> None:
     """Compute the outputs into a hidden sibling of `directory`, then rename it (hold its
     node_lock)."""
-    _remove_partial(directory)
-    hidden = _hidden_sibling(directory)
-    hidden.mkdir(parents=True)
-    try:
+    with written_whole(directory) as hidden:
         for name, split in images.items():
             path = hidden / f"{name}.npy"
             array = np.lib.format.open_memmap(path, mode="w+", dtype=NUMPY_DTYPES[dtype],
@@ -173,7 +169,3 @@ def _write(directory: Path, images: dict[str, DeviceImages], fill: Fill,
             array.flush()
             with open(path, "rb") as file:
                 os.fsync(file.fileno())
-        hidden.rename(directory)
-    except BaseException:
-        shutil.rmtree(hidden, ignore_errors=True)
-        raise
