@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from pathlib import Path
@@ -267,3 +268,17 @@ def test_a_cached_run_resumed_from_a_checkpoint_matches_an_uninterrupted_one(
         assert torch.equal(value, resumed.model.state_dict()[key]), key
     saved = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=True)
     assert set(saved["model"]) == set(straight.model.state_dict())  # the whole ResNet
+
+
+def test_the_cache_key_names_weights_by_their_file_or_uri(tmp_path: Path) -> None:
+    model_dir = tmp_path / "backbone"
+    model_dir.mkdir()
+    torch.save(build_model(tiny_config(), 3).state_dict(), model_dir / "model.pt")
+    identity = frozen.weights_identity(tiny_config(weights=str(model_dir)))
+    assert identity.startswith(f"{model_dir / 'model.pt'}:")
+    stat = (model_dir / "model.pt").stat()  # rewritten: another mtime
+    os.utime(model_dir / "model.pt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert frozen.weights_identity(tiny_config(weights=str(model_dir))) != identity
+    uri = "s3://bucket/runs/x/trial_1/checkpoint_000002"
+    assert frozen.weights_identity(tiny_config(weights=uri)) == uri
+    assert frozen.weights_identity(tiny_config(seed=3)) == "none, seed 3"

@@ -34,6 +34,8 @@ from trainable.device_images import DeviceImages
 from trainable.errors import UserError
 from trainable.model import split_frozen
 from trainable.runtime import Runtime
+from trainable.storage import is_uri
+from trainable.weights import weights_file
 
 CACHE_OUTPUTS = True  # False: frozen stages run every epoch, as for augmented images
 CACHE_FORMAT = "v1"  # part of every key: a new layout never reads an old one
@@ -109,13 +111,15 @@ def cache_key(cfg: TrainConfig, rt: Runtime, data: Dataset) -> str | None:
 
 
 def weights_identity(cfg: TrainConfig) -> str:
-    """Where the frozen weights come from: a file by its path, size and mtime; with weights
-    `none`, torch's initialisation from the seed."""
+    """Where the frozen weights come from: a local file by its path, size and mtime; one in
+    storage by its URI; with weights `none`, torch's initialisation from the seed."""
     if cfg.weights == "none":
         return f"none, seed {cfg.seed}"
     if cfg.weights == "imagenet":
         return ResNet18_Weights.IMAGENET1K_V1.url
-    path = Path(cfg.weights).resolve()
+    if is_uri(cfg.weights):
+        return cfg.weights
+    path = weights_file(Path(cfg.weights)).resolve()
     stat = path.stat()
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 

@@ -35,7 +35,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
 def split_frozen(model: ResNet, depth: int) -> tuple[nn.Sequential, nn.Sequential]:
     """(frozen prefix, trainable rest) of a ResNet at unfreeze depth `depth`, made of its own
     modules: rest(prefix(x)) is model(x). The prefix holds the stages farther from the head
-    than `depth`, as far as none of their parameters trains (the CIFAR stem always does):
+    than `depth`, as far as none of their parameters trains (a new CIFAR stem always does):
     at depth 0 it ends with the flattened pooled features and the rest is fc; at depth 5 it
     is empty."""
     stages = [[model.conv1, model.bn1, model.relu, model.maxpool], [model.layer1],
