@@ -64,6 +64,25 @@ def test_frozen_prints_the_depth_1_ratio_then_the_depth_0_ratio() -> None:
 
 
 @pytest.mark.slow
+def test_transfer_quick_prints_both_tables_and_what_they_teach() -> None:
+    lines = run_script("transfer.py", "--quick")
+    strategies = ["scratch", "frozen", "partial", "full", "search"]
+    headers = [i for i, line in enumerate(lines) if line.split() == ["target", "per", "class",
+                                                                     *strategies]]
+    assert len(headers) == 2  # test accuracy, then wall seconds
+    for header in headers:
+        rows = [line.split() for line in lines[header + 1:header + 3]]
+        assert [row[:2] for row in rows] == [["similar", "10"], ["dissimilar", "10"]]
+        assert all(len(row) == 2 + len(strategies) for row in rows)
+    accuracies = [float(v) for line in lines[headers[0] + 1:headers[0] + 3]
+                  for v in line.split()[2:]]
+    assert all(0 <= acc <= 1 for acc in accuracies)
+    assert re.fullmatch(r"  the search matched or beat every fixed strategy in \d of 2 cells, "
+                        r"taking \d+\.\d\dx the time of the four fixed strategies together",
+                        lines[-1])
+
+
+@pytest.mark.slow
 def test_data_scale_prints_the_driver_memory_and_mapped_throughput_ratios() -> None:
     lines = run_script("data_scale.py", "--sizes", "300,600", "--batches", "1", "--repeats", "1")
     assert re.fullmatch(r"driver peak RSS at N=600 / N=300: \d+\.\d\d \(at most 1\.3\)",
