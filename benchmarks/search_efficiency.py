@@ -20,7 +20,7 @@ N seeds: X.XX` (`never` if TPE+ASHA missed the target for half of the seeds or m
 DIR/search_efficiency.png (the curves). The searches' own output goes to search.log (in DIR,
 else in the storage).
 
-TPE's first startup trials (search/study.py startup_trials: a quarter of the trials, 2 to
+TPE's first startup trials (search/samplers.py startup_trials: a quarter of the trials, 2 to
 10) are random draws from the same seed as the random sampler's: TPE can only differ from
 random after them.
 """

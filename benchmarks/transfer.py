@@ -41,7 +41,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import describe_device
-from search.driver import make_sampler
+from search.samplers import make_sampler
 from trainable import (
     Dataset,
     FitResult,

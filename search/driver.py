@@ -22,6 +22,7 @@ from search.best import best_trial_lines
 from search.cluster import start_cluster
 from search.request import SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
+from search.samplers import make_sampler
 from search.study import (
     check_journal,
     close_orphans,
@@ -29,7 +30,6 @@ from search.study import (
     open_storage,
     open_study,
     pull_journal,
-    startup_trials,
 )
 from search.study_search import StudySearch
 from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
@@ -37,23 +37,6 @@ from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace
 from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
-
-
-def make_sampler(name: str, seed: int, trials: int) -> Any:
-    """The sampler of a search of `trials` trials (TPE and GP start with startup_trials
-    random ones)."""
-    import optuna
-
-    if name == "tpe":  # constant_liar keeps parallel trials from sampling the same point
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
-                                          multivariate=True, group=True, constant_liar=True)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_trials(trials))
-    return optuna.samplers.RandomSampler(seed=seed)
 
 
 def make_scheduler(space: SearchSpace, objective: str) -> Any:

@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 TRIAL_ID_ATTR = "trial_id"  # a study trial's user attribute: its Tune trial id (trials.parquet)
 
 
-def startup_trials(trials: int) -> int:
-    """TPE's random trials before it models anything: a quarter of the search, 2 to 10
-    (Optuna's own default is 10, which leaves a 12-trial search with 2 model-based trials)."""
-    return max(2, min(10, trials // 4))
-
-
 def journal_path(run: RunDir) -> Path:
     """The journal the driver appends to: in the run directory when it is on this disk."""
     local = run.local_path(STUDY_FILE)

@@ -310,7 +310,8 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
 
     from search.cli import main
     from search.rundir import STUDY_NAME
-    from search.study import TRIAL_ID_ATTR, open_storage, startup_trials
+    from search.samplers import startup_trials
+    from search.study import TRIAL_ID_ATTR, open_storage
 
     n_trials, epochs, concurrent = 16, 3, 2
     space = tpe_fifo_space(tmp_path, epochs)

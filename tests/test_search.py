@@ -20,11 +20,11 @@ from tensorboard.plugins.hparams import metadata as hparams_metadata
 import search.driver as driver
 from search.cli import main
 from search.cluster import check_resources
-from search.driver import make_sampler, search_metadata
+from search.driver import search_metadata
 from search.ensemble import ensemble_command
 from search.request import SearchRequest, request_from_args
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
-from search.study import startup_trials
+from search.samplers import make_sampler, startup_trials
 from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
 from tests.conftest import (

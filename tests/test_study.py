@@ -22,8 +22,8 @@ from optuna.distributions import (
 )
 
 from search.cli import main
-from search.driver import make_sampler
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
+from search.samplers import make_sampler, startup_trials
 from search.study import (
     TRIAL_ID_ATTR,
     check_journal,
@@ -32,7 +32,6 @@ from search.study import (
     open_study,
     pull_journal,
     push_journal,
-    startup_trials,
 )
 from search.study_search import StudySearch
 from search.warm_start import WARM_START_ATTR, fits, plan_warm_start
