@@ -64,13 +64,15 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
         return build(request, data)
 
     monkeypatch.setattr(driver, "build_trainable", recording_build)
-    # ASHA's one rung is epoch 2, where an lr below 1e-4 is still at chance (about 0.13) and
-    # one above 1e-2 is past 0.3; a trial is stopped there when it is below the median of
-    # those recorded before it. Seeded 6, the random sampler's lrs are 0.078 and 0.031 for
-    # the first two trials, then 3.9e-6: whichever of the two reported first, the third
-    # starts after one of them ended, so it is stopped, whatever the machine's numerics.
+    # ASHA's one rung is epoch 2, where (batch 32) lr 3.9e-6 is still at chance (0.15) and lrs
+    # 0.078 and 0.031 are at 0.38 and 0.78; a trial is stopped there when it is below the
+    # median of those recorded before it. Seeded 6, the random sampler gives the first two
+    # trials those strong lrs, then 3.9e-6: whichever of the two reported first, the third
+    # starts after one of them ended, so it is stopped, with a margin no machine's numerics
+    # close.
     space = search_space_file(tmp_path, max_epochs=3, grace_period=2)
     space.write_text(space.read_text().replace("low: 0.01, high: 0.3", "low: 1.0e-6, high: 0.3")
+                     .replace("batch_size: 128", "batch_size: 32")
                      .replace("metric: val_acc", "metric: val_acc\nsampler: random"))
     run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "6",
                  "--cpus-per-trial", "1", "--sampler-seed", "6")
@@ -87,6 +89,7 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
     assert len(trials) == 6 and set(trials.status) == {"TERMINATED"}
     assert (trials.epochs_run < 3).any(), "ASHA stopped no trial early"
     assert set(trials[trials.epochs_run < 3].epochs_run) == {2}
+    assert trials.loc[trials.lr.idxmin()].epochs_run == 2  # the at-chance lr, as planned
     assert trials.stopped_early.sum() == (trials.epochs_run < 3).sum()
     assert len(epochs) == trials.epochs_run.sum()
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
