@@ -89,7 +89,8 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
     assert len(trials) == 6 and set(trials.status) == {"TERMINATED"}
     assert (trials.epochs_run < 3).any(), "ASHA stopped no trial early"
     assert set(trials[trials.epochs_run < 3].epochs_run) == {2}
-    assert trials.loc[trials.lr.idxmin()].epochs_run == 2  # the at-chance lr, as planned
+    assert trials.loc[trials.lr.idxmin()].epochs_run == 2, (  # the at-chance lr, as planned
+        trials[["trial_id", "lr", "epochs_run", "best_val_acc"]].to_string())
     assert trials.stopped_early.sum() == (trials.epochs_run < 3).sum()
     assert len(epochs) == trials.epochs_run.sum()
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
