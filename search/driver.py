@@ -20,6 +20,7 @@ from optuna.storages.journal import JournalStorage
 
 from search.best import best_trial_lines
 from search.cluster import start_cluster
+from search.priors import enqueue_priors
 from search.request import SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
 from search.samplers import make_sampler
@@ -166,6 +167,9 @@ def new_search(request: SearchRequest) -> None:
     if warm_start is not None:
         print(warm_start.summary(), flush=True)
         warm_start.apply(study)
+    elif priors := enqueue_priors(study, request.space, data.source):
+        print(f"the guides' recipes first: {priors} prior configs (search/priors.py)",
+              flush=True)
     print(f"search {request.name}: {request.trials} trials, sampler {request.space.sampler}, "
           f"scheduler {request.space.scheduler.name}, {concurrent} at a time; results in "
           f"{run.uri}", flush=True)

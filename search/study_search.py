@@ -17,10 +17,14 @@ EPOCH = "epoch"  # the step of a trial's intermediate values: the epoch its resu
 
 
 class StudySearch(Searcher):
-    """Each Tune trial is a study trial asked of the sampler (enqueued warm-start configs
-    first), named after the Tune trial (TRIAL_ID_ATTR); every epoch a trial reports is its
-    intermediate value at step = epoch, once; at its end it is told the metric of its last
-    result, its running best.
+    """Each Tune trial is a study trial asked of the sampler (enqueued priors or warm-start
+    configs first), named after the Tune trial (TRIAL_ID_ATTR); every epoch a trial reports
+    is its intermediate value at step = epoch, once. A trial that ran its whole epoch budget
+    is told COMPLETE with the metric of its last result, its running best; one that ended
+    before it (stopped by ASHA or early stopping, or diverged after its first epoch) is told
+    PRUNED, so that TPE ranks it by the epoch it reached and its value there, below the
+    complete ones. (Ray's OptunaSearch tells a stopped trial COMPLETE with its value at the
+    rung, as if a finished trial had reached only that.)
 
     Tune passes a result on which the scheduler stops the trial (ASHA at a rung or at
     max_epochs) to on_trial_complete alone, so that is recorded too. The journal, not this
@@ -59,18 +63,20 @@ class StudySearch(Searcher):
         if result:
             self.record_epoch(trial, result)
         state = self.outcome(result, error)
+        # told PRUNED, the study takes its last intermediate value as the trial's
         self.study.tell(trial, result[self.metric] if state == TrialState.COMPLETE else None,
                         state=state, skip_if_finished=True)
 
     def outcome(self, result: dict[str, Any], error: bool) -> TrialState:
-        """What a trial that ended on `result` (empty: before its first) is told as; told
-        COMPLETE, its value is the result's metric, the trial's running best."""
+        """What a trial that ended on `result` (empty: before its first) is told as."""
         value = result.get(self.metric)
         if value is None:  # failed, or removed before its first result
             return TrialState.FAIL if error else TrialState.PRUNED
         if math.isnan(value):  # diverged in its first epoch: Optuna takes no NaN value
             return TrialState.FAIL
-        return TrialState.COMPLETE  # a trial the scheduler stopped early too
+        if result.get(EPOCH, 0) < self.space.space.scheduler.max_epochs:
+            return TrialState.PRUNED
+        return TrialState.COMPLETE
 
     def record_epoch(self, trial: optuna.Trial, result: dict[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get(EPOCH)

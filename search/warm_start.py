@@ -111,7 +111,7 @@ def _history_params(trial: dict[str, Any], space: SearchSpace
     return params, distributions
 
 
-def _enqueued_params(trial: dict[str, Any], space: SearchSpace
+def enqueued_params(trial: dict[str, Any], space: SearchSpace
                      ) -> tuple[dict[str, Any], list[str]]:
     """The trial's values for this space's parameters, clipped into range, and what was
     changed; a choice this space lacks is left out (the sampler picks it)."""
@@ -158,7 +158,7 @@ def plan_warm_start(run_uri: str, space: SearchSpace, top: int) -> WarmStart:
     adjusted: dict[str, int] = {}
     enqueued: list[tuple[str, dict[str, Any]]] = []
     for trial in ranked:
-        params, changes = _enqueued_params(trial, space)
+        params, changes = enqueued_params(trial, space)
         if len(enqueued) == top or params in [p for _, p in enqueued]:
             continue
         enqueued.append((trial["trial_id"], params))

@@ -368,7 +368,8 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
     assert len(sampled) == n_trials and set(by_trial) == set(trials.trial_id)
     for row in trials.itertuples():
         told = by_trial[row.trial_id]
-        assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
+        assert told.state.name == ("PRUNED" if row.stopped_early else "COMPLETE")
+        assert told.value == pytest.approx(row.best_metric)
         assert told.params == pytest.approx({"lr": row.lr,
                                              "label_smoothing": row.label_smoothing})
     # ... and the trials sampled after the last resume came from TPE's model (which needs

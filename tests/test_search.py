@@ -312,7 +312,8 @@ def test_each_sampler_drives_the_searcher_past_its_random_start(sampler: str) ->
         config = searcher.suggest(f"t{i}")
         assert config is not None
         cfg = TrainConfig.from_dict(config)
-        searcher.on_trial_complete(f"t{i}", {"best_val_acc": cfg.lr * (1 + cfg.label_smoothing)})
+        searcher.on_trial_complete(f"t{i}", {"epoch": cfg.epochs,
+                                             "best_val_acc": cfg.lr * (1 + cfg.label_smoothing)})
     assert [t.state for t in searcher.study.trials] == [TrialState.COMPLETE] * trials
 
 

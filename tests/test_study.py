@@ -22,6 +22,7 @@ from optuna.distributions import (
 )
 
 from search.cli import main
+from search.priors import prior_params
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
 from search.samplers import make_sampler, startup_trials
 from search.study import (
@@ -169,7 +170,8 @@ def test_the_study_records_every_epoch_once_the_last_one_too(
     assert trials["stopped"].intermediate_values == {1: 0.1, 2: 0.2}
     assert trials["ran"].intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}
     assert trials["killed"].intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
-    assert [t.value for t in trials.values()] == [0.2, 0.3, 0.3]
+    assert [t.value for t in trials.values()] == pytest.approx([0.2, 0.3, 0.3])
+    assert {t.state.name for t in trials.values()} == {"PRUNED"}  # all before epoch 10
     journal = [json.loads(line) for line in (tmp_path / "run" / STUDY_FILE).read_text().split(
         "\n")[:-1]]
     assert sum("intermediate_value" in op for op in journal) == 2 + 3 + 3
@@ -178,9 +180,10 @@ def test_the_study_records_every_epoch_once_the_last_one_too(
 
 def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended(
         tmp_path: Path) -> None:
-    """A trial runs in the study from its suggest on (which TPE's constant liar counts); an
-    error is told FAIL, a trial removed before its first result PRUNED, one that diverged in
-    its first epoch (its running best NaN) FAIL; a trial told before a kill is left as it
+    """A trial runs in the study from its suggest on (which TPE's constant liar counts); one
+    that ran its epoch budget is told COMPLETE, one stopped before it PRUNED with its last
+    value, an error FAIL, a trial removed before its first result PRUNED, one that diverged
+    in its first epoch (its running best NaN) FAIL; a trial told before a kill is left as it
     is when Tune's older saved state runs it again."""
     space, run = load_space("quick"), RunDir.open(tmp_path / "run")
     (tmp_path / "run").mkdir()
@@ -194,7 +197,7 @@ def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended
 
     search = searcher()
     assert search.suggest("enqueued")["lr"] == 0.05
-    for trial_id in ("errored", "removed", "diverged"):
+    for trial_id in ("errored", "removed", "diverged", "finished"):
         search.suggest(trial_id)
     assert {t.state.name for t in load_run_study(run).trials} == {"RUNNING"}
     search.save(str(tmp_path / "searcher.pkl"))
@@ -202,6 +205,7 @@ def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended
     search.on_trial_complete("removed")
     search.on_trial_complete("diverged", epoch_result(1, float("nan")))
     search.on_trial_complete("enqueued", epoch_result(1, 0.5))
+    search.on_trial_complete("finished", epoch_result(space.scheduler.max_epochs, 0.7))
     restored = searcher()
     restored.restore(str(tmp_path / "searcher.pkl"))
     restored.on_trial_result("enqueued", epoch_result(1, 0.4))
@@ -210,8 +214,10 @@ def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended
 
     trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in load_run_study(run).trials}
     assert {trial_id: t.state.name for trial_id, t in trials.items()} == {
-        "enqueued": "COMPLETE", "errored": "FAIL", "removed": "PRUNED", "diverged": "FAIL"}
+        "enqueued": "PRUNED", "errored": "FAIL", "removed": "PRUNED", "diverged": "FAIL",
+        "finished": "COMPLETE"}
     assert trials["enqueued"].value == 0.5 and trials["enqueued"].intermediate_values == {1: 0.5}
+    assert trials["finished"].value == 0.7
 
 
 @pytest.mark.parametrize("distribution", [
@@ -442,11 +448,15 @@ def test_add_trials_appends_trials_sampled_by_tpe_with_the_earlier_ones_as_histo
     searched = [p.name for p in load_space("quick").params]
     for row in trials.itertuples():
         told = by_id[row.trial_id]
-        assert told.state.name == "COMPLETE" and told.value == pytest.approx(row.best_metric)
+        assert told.state.name == ("PRUNED" if row.stopped_early else "COMPLETE")
+        assert told.value == pytest.approx(row.best_metric)
         assert told.params == pytest.approx({name: getattr(row, name) for name in searched})
         ran = sorted(epochs.epoch[epochs.trial_id == row.trial_id])
         assert sorted(told.intermediate_values) == ran
         assert told.intermediate_values[ran[-1]] == pytest.approx(row.best_metric)
+    # ... the first of them the guides' recipes, which a new search enqueues (search/priors.py)
+    priors = prior_params(load_space("quick").replace(fixed={"resolution": 16}), "digits")
+    assert [t.params for t in study.trials[:len(priors)]] == [pytest.approx(p) for p in priors]
     # ... and each added trial came from TPE's model over at least the first 8 (its startup
     # trials for 16 are 4) ...
     for trial in study.trials[8:]:
