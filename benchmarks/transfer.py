@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="resnet-hpo-bench-") as tmp:
         os.environ["RESNET_HPO_CACHE"] = str(Path(tmp) / "cache")
         digits = all_digits()
-        backbone = pretrain(digits, args, Path(tmp) / "backbone")
+        backbone = pretrain(digits, Path(tmp) / "backbone", args.source_epochs, args.seed,
+                            check=not args.quick)
         shapes = shape_images(len(SHAPES) * (VAL_PER_CLASS + TEST_PER_CLASS + max(args.sizes)),
                               args.seed)
         targets = {"similar": (digits, TARGET_DIGITS, [str(d) for d in TARGET_DIGITS]),
@@ -111,39 +112,40 @@ def main(argv: list[str] | None = None) -> None:
     print_lessons(rows, args.sizes)
 
 
-def pretrain(pool: Split, args: argparse.Namespace, directory: Path) -> str:
+def pretrain(pool: Split, directory: Path, epochs: int, seed: int, check: bool = True) -> str:
     """The source backbone: digits 0-4 from random weights, saved as `resnet-hpo train`
-    saves a model; returns its directory, a `weights` location."""
-    val, train = per_class_splits(pool, SOURCE_CLASSES, [SOURCE_VAL_PER_CLASS, None],
-                                  args.seed)
+    saves a model; returns its directory, a `weights` location. `check`: exit unless it
+    learned its source (val_acc above MIN_SOURCE_VAL_ACC)."""
+    val, train = per_class_splits(pool, SOURCE_CLASSES, [SOURCE_VAL_PER_CLASS, None], seed)
     data = Dataset("digits 0-4", RESOLUTION, [str(d) for d in SOURCE_CLASSES], train, val, None)
-    cfg = run_config("digits 0-4", args, epochs=args.source_epochs, weights="none",
-                     unfreeze_depth=5, lr=SCRATCH_LR)
+    cfg = run_config("digits 0-4", seed, epochs=epochs, weights="none", unfreeze_depth=5,
+                     lr=SCRATCH_LR)
     start = time.perf_counter()
     result = fit(cfg, data=data, device="cpu")
     val_acc = result.best["val_acc"]
     save_model_dir(directory, cfg, result.model, {
         "metric": cfg.metric, "best_epoch": result.best_epoch, "best": result.best,
         "test_acc": None, "class_names": data.class_names, "history": result.history})
-    print(f"source: {data.summary()}, {args.source_epochs} epochs from random weights: "
+    print(f"source: {data.summary()}, {epochs} epochs from random weights: "
           f"val_acc {val_acc:.4f} at epoch {result.best_epoch} "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
-    if not args.quick and val_acc <= MIN_SOURCE_VAL_ACC:
+    if check and val_acc <= MIN_SOURCE_VAL_ACC:
         raise SystemExit(f"the source backbone reached val_acc {val_acc:.4f}, not above "
                          f"{MIN_SOURCE_VAL_ACC}: raise --source-epochs")
     return str(directory)
 
 
-def run_config(data: str, args: argparse.Namespace, **values: object) -> TrainConfig:
+def run_config(data: str, seed: int, **values: object) -> TrainConfig:
     return TrainConfig.from_dict({"data": data, "resolution": RESOLUTION, "crop": "none",
-                                  "flip": "none", "batch_size": BATCH_SIZE,
-                                  "epochs": args.epochs, "seed": args.seed, **values})
+                                  "flip": "none", "batch_size": BATCH_SIZE, "seed": seed,
+                                  **values})
 
 
 def run_strategies(data: Dataset, backbone: str,
                    args: argparse.Namespace) -> dict[str, Outcome]:
     def config(**values: object) -> TrainConfig:
-        return run_config(data.source, args, **{"weights": backbone, **values})
+        return run_config(data.source, args.seed,
+                          **{"weights": backbone, "epochs": args.epochs, **values})
 
     fixed = {"scratch": config(weights="none", unfreeze_depth=5, lr=SCRATCH_LR),
              "frozen": config(unfreeze_depth=0, lr=PROBE_LR),
