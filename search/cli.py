@@ -279,7 +279,7 @@ def configure_process(command: str) -> None:
         configure_torch()
     warnings.formatwarning = lambda message, category, *_: f"resnet-hpo: warning: {message}\n"
     # Optuna logs every study it creates, and warns that samplers make_sampler builds on
-    # purpose (multivariate TPE with constant_liar, QMC, GP) are experimental.
+    # purpose (TPE with constant_liar, QMC, GP) are experimental.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     # Tune's own console output and result files: ProgressPrinter, ResultsWriter and
