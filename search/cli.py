@@ -133,7 +133,13 @@ def add_search_parser(commands: Subcommands) -> None:
                     "epochs.parquet, tensorboard/). Flags override the space file.")
     search.add_argument("--space", help="shipped space name (quick, default, cifar10) or a "
                                         "YAML file")
-    search.add_argument("--trials", type=int, default=16, help="number of trials (default 16)")
+    search.add_argument("--trials", type=int,
+                        help="number of trials (default 16; with --budget: until it is spent)")
+    search.add_argument("--budget", metavar="TIME",
+                        help="start no trial that would exceed this wall time (45s, 90m, 2h) or "
+                             "GPU-hours summed over trials (1.5gpu-h); running trials are "
+                             "stopped at their next epoch once it is spent. With --trials, "
+                             "whichever comes first")
     search.add_argument("--sampler", help="tpe | cmaes | random | qmc | gp (Optuna, seeded)")
     search.add_argument("--scheduler", help="asha | fifo")
     search.add_argument("--max-epochs", type=int, help="epochs per trial; ASHA's max_t")

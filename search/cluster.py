@@ -7,7 +7,7 @@ import logging
 import math
 from pathlib import Path
 
-from search.request import SearchRequest
+from search.request import DEFAULT_TRIALS, SearchRequest
 from trainable.errors import UserError
 
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head
@@ -65,12 +65,18 @@ def check_resources(request: SearchRequest) -> int:
     if gpus > 1 and gpus != int(gpus):
         raise UserError(f"--gpus-per-trial {gpus:g}: use a fraction <= 1 or a whole number")
     nodes = node_capacity()
+    budget = request.budget
+    if budget is not None and budget.unit == "gpu-h" and not any(
+            node.get("GPU", 0) for node in [*nodes, *autoscaler_node_types()]):
+        raise UserError(f"--budget {budget}: the Ray cluster has no GPUs, so the trials spend "
+                        "no GPU-hours; use a wall-time budget (e.g. --budget 2h) and "
+                        "--gpus-per-trial 0")
     fits = sum(trials_that_fit(node, cpus, gpus) for node in nodes)
     if fits:
         return fits
     if any(trials_that_fit(node, cpus, gpus) for node in autoscaler_node_types()):
         print("no node fits a trial yet; the autoscaler will start one", flush=True)
-        return request.trials
+        return request.trials or DEFAULT_TRIALS  # a budget's trials: as many as by default
     total_cpu = sum(node.get("CPU", 0) for node in nodes)
     total_gpu = sum(node.get("GPU", 0) for node in nodes)
     largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})

@@ -19,9 +19,10 @@ from typing import Any
 from optuna.storages.journal import JournalStorage
 
 from search.best import best_trial_lines
+from search.budget import BudgetAccount
 from search.cluster import start_cluster
 from search.priors import enqueue_priors
-from search.request import SearchRequest
+from search.request import DEFAULT_TRIALS, SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
 from search.samplers import make_sampler
 from search.study import (
@@ -65,7 +66,9 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
     space = request.space
     return {"name": request.name, "metric": space.metric, "mode": space.mode,
             "sampler": space.sampler, "scheduler": asdict(space.scheduler),
-            "seed": request.seed, "trials": request.trials, "space_file": space.source,
+            "seed": request.seed, "trials": request.trials,
+            "budget": None if request.budget is None else str(request.budget),
+            "space_file": space.source,
             "space_text": space.text, "fixed": space.fixed,
             "searched": [p.name for p in space.params], "data": data.source,
             "resolution": data.resolution, "val_fraction": space.config({}).val_fraction,
@@ -84,10 +87,14 @@ def build_trainable(request: SearchRequest, data: DecodedData) -> Any:
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
-def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, searcher: Any
-                ) -> Any:
+def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, searcher: Any,
+                account: BudgetAccount | None) -> Any:
+    """The tuner of a new search or an extension; with a budget `account`, which is also
+    the searcher's, a BudgetStopper stops its trials once the budget is spent, and without
+    --trials the budget alone ends the search."""
     from ray import tune
 
+    from search.budget_stopper import BudgetStopper
     from search.progress import ProgressPrinter
     from search.results_writer import ResultsWriter
     from search.tensorboard_writer import TensorBoardWriter
@@ -109,10 +116,11 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
             # a search algorithm gets one (TUNE_MAX_PENDING_TRIALS_PG=auto: Ray 2.60's
             # tune_controller._get_max_pending_trials), so fractional-GPU trials would start
             # one at a time. Tuner.restore keeps the original run's value.
-            num_samples=request.trials, max_concurrent_trials=concurrent,
+            num_samples=request.trials or -1, max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname),
         run_config=tune.RunConfig(
             name=request.name, storage_path=request.storage, callbacks=callbacks, verbose=0,
+            stop=None if account is None else BudgetStopper(account),
             # Every checkpoint holds the best epoch's weights so far: the latest is enough.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=request.max_failures)))
@@ -128,15 +136,25 @@ def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
     return decoded, data
 
 
-def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int, total: int
-                  ) -> StudySearch:
-    """The searcher of the run's study: the sampler is conditioned on every trial in it."""
+def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int,
+                  total: int | None, account: BudgetAccount | None) -> StudySearch:
+    """The searcher of the run's study: the sampler is conditioned on every trial in it.
+    `total`: the trials of the whole run, None when a budget ends it (the sampler then
+    starts as for a search of DEFAULT_TRIALS)."""
     from trainable.ranking import objective_name
 
     space = request.space
     return StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
                        mode=space.mode, storage=storage, study_name=STUDY_NAME,
-                       sampler=make_sampler(space.sampler, seed, total))
+                       sampler=make_sampler(space.sampler, seed, total or DEFAULT_TRIALS),
+                       account=account)
+
+
+def open_account(request: SearchRequest) -> BudgetAccount | None:
+    """The budget's account, its clock started: just before the tuner runs."""
+    if request.budget is None:
+        return None
+    return BudgetAccount(request.budget, request.gpus_per_trial)
 
 
 def check_new_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
@@ -148,7 +166,7 @@ def check_new_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
     if request.warm_start is None:
         return None
     return plan_warm_start(request.warm_start, request.space,
-                           min(request.warm_start_top, request.trials))
+                           min(request.warm_start_top, request.trials or request.warm_start_top))
 
 
 def new_search(request: SearchRequest) -> None:
@@ -170,12 +188,22 @@ def new_search(request: SearchRequest) -> None:
     elif priors := enqueue_priors(study, request.space, data.source):
         print(f"the guides' recipes first: {priors} prior configs (search/priors.py)",
               flush=True)
-    print(f"search {request.name}: {request.trials} trials, sampler {request.space.sampler}, "
-          f"scheduler {request.space.scheduler.name}, {concurrent} at a time; results in "
-          f"{run.uri}", flush=True)
-    searcher = make_searcher(request, storage, request.seed, request.trials)
-    build_tuner(request, decoded.published(run.uri), concurrent, searcher).fit()
-    print_summary(run)
+    print(f"search {request.name}: {describe_size(request, 'trials')}, sampler "
+          f"{request.space.sampler}, scheduler {request.space.scheduler.name}, {concurrent} "
+          f"at a time; results in {run.uri}", flush=True)
+    account = open_account(request)
+    searcher = make_searcher(request, storage, request.seed, request.trials, account)
+    build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
+    record_end(run, account)
+    print_summary(run, account)
+
+
+def describe_size(request: SearchRequest, trials: str) -> str:
+    """`trials` ("trials", "more trials") counted, or bounded by the budget."""
+    if request.trials is None:
+        return f"as many {trials} as a budget of {request.budget} allows"
+    return f"{request.trials} {trials}" + (
+        f" within a budget of {request.budget}" if request.budget else "")
 
 
 def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
@@ -183,9 +211,11 @@ def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
     only --resume can finish."""
     rows = run.read_table(TRIALS_FILE).to_pylist() if run.exists(TRIALS_FILE) else []
     done = sum(row["status"] in ("TERMINATED", "ERROR") for row in rows)
-    if done < meta["trials"]:
-        raise UserError(f"--add-trials: {run.uri} was interrupted ({done} of {meta['trials']} "
-                        f"trials finished); finish it first with `resnet-hpo search --name "
+    # trials is None while a search that only a budget ends runs (record_end sets it)
+    if meta["trials"] is None or done < meta["trials"]:
+        of = "" if meta["trials"] is None else f" of {meta['trials']}"
+        raise UserError(f"--add-trials: {run.uri} was interrupted ({done}{of} trials "
+                        f"finished); finish it first with `resnet-hpo search --name "
                         f"{meta['name']} --resume`")
 
 
@@ -210,16 +240,20 @@ def add_trials(request: SearchRequest) -> None:
     total = meta["trials"] + request.trials
     meta["added"] = [*meta.get("added", []), {
         "trials": request.trials, "after": meta["trials"], "command": request.command_line,
+        "budget": None if request.budget is None else str(request.budget),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     meta["trials"] = total
     run.write_json(SEARCH_FILE, meta)
-    print(f"search {request.name}: {request.trials} more trials after {total - request.trials}"
-          f", sampler {request.space.sampler} with the {earlier} trials of its study as "
-          f"history, {concurrent} at a time; results in {run.uri}", flush=True)
+    print(f"search {request.name}: {describe_size(request, 'more trials')}"
+          f" after {total - request.trials}, sampler {request.space.sampler} with the "
+          f"{earlier} trials of its study as history, {concurrent} at a time; results in "
+          f"{run.uri}", flush=True)
+    account = open_account(request)
     # Seeded past the trials before, so that added trials do not repeat the first draws.
-    searcher = make_searcher(request, storage, request.seed + earlier, total)
-    build_tuner(request, decoded.published(run.uri), concurrent, searcher).fit()
-    print_summary(run)
+    searcher = make_searcher(request, storage, request.seed + earlier, total, account)
+    build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
+    record_end(run, account)
+    print_summary(run, account)
 
 
 def resume_search(request: SearchRequest) -> None:
@@ -250,10 +284,32 @@ def resume_search(request: SearchRequest) -> None:
                                resume_errored=True)
     print(f"resuming {run.uri}", flush=True)
     tuner.fit()
+    # Tune restores a budget's account with the run's stopper, out of this function's reach:
+    # a resumed part's spending is not added to budgets_spent.
+    record_end(run, None)
     print_summary(run)
 
 
-def print_summary(run: RunDir) -> None:
+def record_end(run: RunDir, account: BudgetAccount | None) -> None:
+    """search.json once a search, extension or resume has ended: where a budget ended it,
+    `trials` counts the trials the run has (fewer than asked for, or none asked for), and
+    `budgets_spent` gets what this part's budget bought. A search interrupted with Ctrl-C
+    (Tune saves its state and returns) has trials still running and is left as it is."""
+    rows = SearchRun.open(run.uri).trials
+    if any(row["status"] not in ("TERMINATED", "ERROR") for row in rows):
+        return
+    meta = run.read_json(SEARCH_FILE)
+    last_part = [meta, *meta.get("added", [])][-1]
+    if last_part.get("budget") is not None:
+        meta["trials"] = len(rows)
+    if account is not None:
+        early = [r["trial_id"] for r in rows if r["status"] == "TERMINATED" and r["stopped_early"]]
+        meta["budgets_spent"] = [*meta.get("budgets_spent", []), account.record(early)]
+    run.write_json(SEARCH_FILE, meta)
+
+
+def print_summary(run: RunDir, account: BudgetAccount | None = None) -> None:
+    """The summary of the run's trials; with a budget, what it bought."""
     search = SearchRun.open(run.uri)
     rows = search.trials
     done = [r for r in rows if r["status"] == "TERMINATED"]
@@ -262,6 +318,8 @@ def print_summary(run: RunDir) -> None:
     gpu_hours = sum(r["gpu_hours"] or 0.0 for r in rows)
     print(f"\n{len(rows)} trials: {len(done) - len(early)} ran all epochs, {len(early)} stopped "
           f"early, {len(failed)} failed; {gpu_hours:.2f} GPU-hours")
+    if account is not None:
+        print(account.summary_line(r["trial_id"] for r in early))
     if not search.ranked:
         raise UserError(f"no trial finished; see the error column of {run.uri_of(TRIALS_FILE)}")
     print("\n".join(best_trial_lines(search)))

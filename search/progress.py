@@ -12,7 +12,8 @@ from trainable.config import TrainConfig
 
 
 class ProgressPrinter(tune.Callback):
-    def __init__(self, metric: str, searched: list[str], num_trials: int):
+    def __init__(self, metric: str, searched: list[str], num_trials: int | None):
+        """num_trials: None when a budget, not a number, ends the search."""
         self.metric, self.searched, self.num_trials = metric, searched, num_trials
         self.start = time.monotonic()
 
@@ -47,12 +48,15 @@ class ProgressPrinter(tune.Callback):
             how = f"stopped early after {last.get('epoch', 0)} epochs"
         else:
             how = "finished"
-        self._print(trial, f"{how} ({_finished(trials, trial)}/{self.num_trials} done)")
+        self._print(trial, f"{how} ({self._done(trials, trial)} done)")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        self._print(trial, f"failed ({_finished(trials, trial)}/{self.num_trials} done); see "
-                           "trials.parquet")
+        self._print(trial, f"failed ({self._done(trials, trial)} done); see trials.parquet")
+
+    def _done(self, trials: list[Trial], ending: Trial) -> str:
+        done = _finished(trials, ending)
+        return f"{done}/{self.num_trials}" if self.num_trials else str(done)
 
 
 def _short(value: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from optuna.distributions import CategoricalDistribution
 
+from search.budget import Budget, parse_budget
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import SearchSpace, load_space, parse_space
 from trainable.config import TrainConfig
@@ -19,13 +20,16 @@ from trainable.model import build_model
 from trainable.storage import is_uri
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+DEFAULT_TRIALS = 16  # of a search given neither --trials nor --budget
 
 
 @dataclass(frozen=True)
 class SearchRequest:
     """What `resnet-hpo search` was asked for, after the space file and the flags."""
     space: SearchSpace
-    trials: int  # of a new or resumed search; of --add-trials: how many more
+    # of a new or resumed search; of --add-trials: how many more; None: until the budget
+    # is spent
+    trials: int | None
     name: str
     storage: str
     gpus_per_trial: float
@@ -37,6 +41,7 @@ class SearchRequest:
     command_line: str  # as the user typed it, for search.json
     warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
     warm_start_top: int = 4  # how many of its best configs go first
+    budget: Budget | None = None  # --budget: no trial starts once it would be exceeded
 
     @property
     def run_uri(self) -> str:
@@ -129,8 +134,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     def pick(flag: Any, key: str, default: Any) -> Any:
         return flag if flag is not None else resources.get(key, default)
 
-    if args.trials < 1:
-        raise UserError(f"--trials must be >= 1, got {args.trials}")
+    trials = check_trials(args.trials, args.budget)
     if args.warm_start_top < 1:
         raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
     gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
@@ -138,19 +142,40 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
         raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
                         ">= 0 and one of them > 0")
+    budget = check_budget(args.budget, gpus)
     max_concurrent = pick(args.max_concurrent, "max_concurrent", None)
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     sampler_seed = next((s for s in (args.sampler_seed, args.seed) if s is not None), 0)
     space = resolve_space_weights(space)  # reads the weights: after the quick checks
     return SearchRequest(
-        space=space, trials=args.trials,
+        space=space, trials=trials,
         name=check_name(args.name or time.strftime("search-%Y%m%d-%H%M%S")),
         storage=resolve_storage(args.storage), gpus_per_trial=float(gpus),
         cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=sampler_seed,
         command_line=args.command_line, warm_start=args.warm_start,
-        warm_start_top=args.warm_start_top)
+        warm_start_top=args.warm_start_top, budget=budget)
+
+
+def check_trials(trials: int | None, budget: str | None) -> int | None:
+    """--trials, or its default: DEFAULT_TRIALS, or no limit when a --budget ends the
+    search."""
+    if trials is None:
+        return None if budget is not None else DEFAULT_TRIALS
+    if trials < 1:
+        raise UserError(f"--trials must be >= 1, got {trials}")
+    return trials
+
+
+def check_budget(text: str | None, gpus_per_trial: float) -> Budget | None:
+    if text is None:
+        return None
+    budget = parse_budget(text)
+    if budget.unit == "gpu-h" and not gpus_per_trial:
+        raise UserError(f"--budget {text}: the trials use no GPU (--gpus-per-trial 0), so "
+                        "they spend no GPU-hours; use a wall-time budget (e.g. --budget 2h)")
+    return budget
 
 
 def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
@@ -162,6 +187,10 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if args.resume and args.add_trials is not None:
         raise UserError("--resume and --add-trials: give one; resume an interrupted search "
                         "first, then add trials")
+    if args.resume and args.budget is not None:
+        raise UserError(f"--budget {args.budget} with --resume: a resumed search goes on with "
+                        "the budget it was started with; give --budget to a new search or to "
+                        "--add-trials")
     ignored = [f"--{key.replace('_', '-')}" for key in (
         "space", "warm_start", "sampler", "scheduler", "max_epochs", "gpus_per_trial",
         "cpus_per_trial", "seed", "sampler_seed", *fixed) if getattr(args, key, None)
@@ -179,6 +208,7 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
                         f"({run.uri} holds no {SEARCH_FILE})")
     meta = run.read_json(SEARCH_FILE)
+    budget = check_budget(args.budget, meta["gpus_per_trial"])  # refused above on --resume
     space = parse_space(meta["space_text"], meta["space_file"]).replace(
         sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
     return SearchRequest(
@@ -186,4 +216,4 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         storage=storage, gpus_per_trial=meta["gpus_per_trial"],
         cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=meta["seed"],
-        command_line=meta["command"] if args.resume else args.command_line)
+        command_line=meta["command"] if args.resume else args.command_line, budget=budget)

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
+from search.budget import BudgetAccount
 from search.study import TRIAL_ID_ATTR
 from spaces import DefineByRun
 
@@ -34,12 +35,16 @@ class StudySearch(Searcher):
 
     Tune saves the searcher with pickle: the study's storage reopens the run's journal and
     its sampler keeps its random state. Each Tune trial's optuna.Trial is kept with it, as
-    Optuna reopens no running trial through its public API."""
+    Optuna reopens no running trial through its public API.
+
+    With a budget (`account`), suggest returns Searcher.FINISHED once the account refuses a
+    new trial, and Tune ends the search when the running trials have ended."""
 
     def __init__(self, space: DefineByRun, metric: str, mode: str,
                  storage: str | optuna.storages.BaseStorage | None = None,
                  study_name: str | None = None,
-                 sampler: optuna.samplers.BaseSampler | None = None):
+                 sampler: optuna.samplers.BaseSampler | None = None,
+                 account: BudgetAccount | None = None):
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.study = optuna.create_study(
@@ -47,8 +52,14 @@ class StudySearch(Searcher):
             study_name=study_name, load_if_exists=True,
             direction="maximize" if mode == "max" else "minimize")
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its study trial
+        self.account = account
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
+        if self.account is not None:
+            if not self.account.may_start():
+                # a str: Ray types suggest as returning a dict, but documents FINISHED
+                return Searcher.FINISHED  # type: ignore[return-value]
+            self.account.trial_started(trial_id)
         trial = self.study.ask()
         trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
         self.trials[trial_id] = trial
@@ -59,6 +70,8 @@ class StudySearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
+        if self.account is not None:
+            self.account.trial_finished(trial_id)
         trial, result = self.trials[trial_id], result or {}
         if result:
             self.record_epoch(trial, result)
@@ -96,4 +109,10 @@ class StudySearch(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            state = pickle.load(f)
+        saved_account = state.pop("account", None)
+        self.__dict__.update(state)
+        # This searcher's account is also its run's BudgetStopper's (Tune unpickles both
+        # from one file): it takes over what was spent, and stays shared.
+        if self.account is not None and saved_account is not None:
+            self.account.carry_over(saved_account)

@@ -1,0 +1,333 @@
+"""`resnet-hpo search --budget`: parsing, the account on a fake clock, the searcher and
+stopper it drives, the flags it is refused with, and one real search that a budget ends."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from ray.tune.search import Searcher
+
+from search.budget import Budget, BudgetAccount, format_duration, parse_budget
+from search.budget_stopper import BudgetStopper
+from search.cli import build_parser, main
+from search.cluster import check_resources
+from search.driver import record_end
+from search.request import DEFAULT_TRIALS, continue_request, request_from_args
+from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
+from search.study_search import StudySearch
+from spaces import DefineByRun, load_space
+from tests.conftest import one_line_error, search_space_file
+from tests.test_study import finished_run, whole_journal
+from trainable.errors import UserError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("text", "seconds", "unit", "shown"), [
+    ("45s", 45, "wall", "45s"), ("90m", 5400, "wall", "1h30m"), ("2h", 7200, "wall", "2h"),
+    (".5h", 1800, "wall", "30m"), (" 2.5m ", 150, "wall", "2m30s"),
+    ("1.5gpu-h", 5400, "gpu-h", "1.5gpu-h"), ("10gpu-h", 36000, "gpu-h", "10gpu-h"),
+])
+def test_budgets_parse_to_seconds_and_print_back(text: str, seconds: float, unit: str,
+                                                 shown: str) -> None:
+    budget = parse_budget(text)
+    assert budget == Budget(seconds, unit)  # type: ignore[arg-type]
+    assert str(budget) == shown
+
+
+@pytest.mark.parametrize("text", ["2x", "-1h", "0h", "0gpu-h", "", "h", "1.5gpu", "2 h",
+                                  "1e3s", "2H", "1.5gpuh"])
+def test_a_bad_budget_is_one_line_naming_the_flag_and_the_allowed_forms(text: str) -> None:
+    with pytest.raises(UserError) as e:
+        parse_budget(text)
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"--budget {text!r}: ")
+    assert "45s, 90m, 2h" in message and "1.5gpu-h" in message
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (0, "0s"), (45.4, "45s"), (60, "1m"), (125, "2m05s"), (3599.4, "59m59s"), (3600, "1h"),
+    (7080, "1h58m"), (36000, "10h")])
+def test_durations_are_formatted_to_the_second_under_an_hour(seconds: float,
+                                                             shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+def never_starts_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        pytest.fail("a bad --budget should be refused before Ray starts")
+
+    monkeypatch.setattr("search.cluster.start_ray", fail)
+    monkeypatch.setattr("search.driver.decode_dataset", fail)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--budget", "2x"], "--budget '2x': give a wall time (45s, 90m, 2h) or GPU-hours"),
+    (["--budget=-1h"], "--budget '-1h': give a wall time"),
+    (["--budget", "0h"], "--budget '0h': give a wall time"),
+    (["--budget", "1gpu-h", "--gpus-per-trial", "0"],
+     "--budget 1gpu-h: the trials use no GPU (--gpus-per-trial 0), so they spend no "
+     "GPU-hours; use a wall-time budget (e.g. --budget 2h)"),
+    (["--budget", "1h", "--trials", "0"], "--trials must be >= 1, got 0"),
+])
+def test_bad_budget_flags_are_one_line_before_ray_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        flags: list[str], expected: str) -> None:
+    never_starts_ray(monkeypatch)
+    err = one_line_error(capsys, ["search", "--space", str(search_space_file(tmp_path)),
+                                  "--data", "digits", "--storage", str(tmp_path / "runs"),
+                                  *flags])
+    assert expected in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_with_a_budget_is_refused_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    never_starts_ray(monkeypatch)
+    err = one_line_error(capsys, ["search", "--storage", str(tmp_path), "--name", "x",
+                                  "--resume", "--budget", "1h"])
+    assert ("--budget 1h with --resume: a resumed search goes on with the budget it was "
+            "started with") in err
+
+
+def search_args(*flags: str) -> object:
+    args = build_parser().parse_args(["search", *flags])
+    args.command_line = "resnet-hpo search"
+    return args
+
+
+def test_trials_default_to_16_without_a_budget_and_to_no_limit_with_one(
+        tmp_path: Path) -> None:
+    space = str(search_space_file(tmp_path))
+    plain = request_from_args(search_args("--space", space), {})
+    budget = request_from_args(search_args("--space", space, "--budget", "90m"), {})
+    both = request_from_args(search_args("--space", space, "--budget", "90m", "--trials", "5"),
+                             {})
+    assert (plain.trials, plain.budget) == (DEFAULT_TRIALS, None)
+    assert (budget.trials, budget.budget) == (None, Budget(5400, "wall"))
+    assert (both.trials, both.budget) == (5, Budget(5400, "wall"))
+
+
+def test_add_trials_takes_a_budget(tmp_path: Path) -> None:
+    finished_run(tmp_path / "runs" / "done", whole_journal(tmp_path))
+    request = continue_request(search_args("--storage", str(tmp_path / "runs"), "--name",
+                                           "done", "--add-trials", "8", "--budget", "2h"), {})
+    assert (request.trials, request.budget) == (8, Budget(7200, "wall"))
+
+
+def test_add_trials_to_a_budget_search_that_was_interrupted_says_to_resume_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A search that only a budget ends records its number of trials when it ends."""
+    run = finished_run(tmp_path / "runs" / "cut", whole_journal(tmp_path))
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    (run / SEARCH_FILE).write_text(json.dumps({**meta, "trials": None, "budget": "2h"}))
+    err = one_line_error(capsys, ["search", "--storage", str(tmp_path / "runs"), "--name",
+                                  "cut", "--add-trials", "8"])
+    assert "was interrupted (12 trials finished)" in err
+
+
+def test_a_gpu_hour_budget_on_a_cluster_without_gpus_says_to_use_wall_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("search.cluster.node_capacity", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr("search.cluster.autoscaler_node_types", lambda: [])
+    request = request_from_args(search_args("--space", str(search_space_file(tmp_path)),
+                                            "--budget", "1.5gpu-h", "--gpus-per-trial",
+                                            "0.25"), {})
+    with pytest.raises(UserError, match=r"^--budget 1.5gpu-h: the Ray cluster has no GPUs.*"
+                                        r"use a wall-time budget"):
+        check_resources(request)
+
+
+def test_a_wall_budget_refuses_a_trial_that_would_end_past_it() -> None:
+    clock = FakeClock()
+    account = BudgetAccount(Budget(100, "wall"), gpus_per_trial=0, clock=clock)
+    assert account.may_start()  # nothing known: the first trial always starts
+    account.trial_started("a")
+    clock.now += 30
+    account.epoch_reported("a", 12.0)  # before any trial ends, one epoch is the estimate
+    assert account.may_start()  # 30 s spent + 12 < 100
+    clock.now += 57
+    assert account.may_start() and not account.exhausted()  # 87 + 12 < 100
+    clock.now += 2
+    assert not account.may_start() and not account.exhausted()  # 89 + 12 > 100
+    clock.now += 11
+    assert account.exhausted() and account.spent == 100
+
+    quick = BudgetAccount(Budget(100, "wall"), gpus_per_trial=0, clock=clock)
+    quick.trial_started("b")
+    clock.now += 10
+    quick.epoch_reported("b", 10.0)
+    quick.trial_finished("b")  # the mean trial (10 s) is the estimate from now on
+    clock.now += 79
+    assert quick.may_start()  # 89 + 10 < 100
+    clock.now += 1
+    assert not quick.may_start()  # 90 + 10 is not
+
+
+def test_gpu_hours_add_up_over_running_and_finished_trials() -> None:
+    clock = FakeClock()
+    account = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=0.5, clock=clock)
+    for trial_id in ("a", "b"):
+        account.trial_started(trial_id)
+    clock.now += 1000
+    account.trial_finished("a")
+    assert account.gpu_spent_s == 1000  # two trials x 1000 s x 0.5 GPU
+    clock.now += 1000
+    assert account.gpu_spent_s == 1500 and account.wall_spent_s == 2000
+    account.trial_started("c")
+    clock.now += 1000
+    assert account.gpu_spent_s == 2500  # a 1000 s, b 3000 s, c 1000 s, at 0.5 GPU
+    assert account.may_start()  # + a's 1000 s at 0.5 GPU: 3000 < 3600
+    clock.now += 300
+    assert account.gpu_spent_s == 2800 and account.may_start()  # 3300 < 3600
+    clock.now += 300
+    assert account.gpu_spent_s == 3100  # 3100 + 500 is not < 3600
+    assert not account.may_start() and not account.exhausted()
+    clock.now += 500
+    assert account.gpu_spent_s == 3600 and account.exhausted()
+
+
+def test_the_summary_says_what_the_budget_bought() -> None:
+    clock = FakeClock()
+    account = BudgetAccount(Budget(7200, "wall"), gpus_per_trial=0.25, clock=clock)
+    for trial_id in ("a", "b", "c", "d"):
+        account.trial_started(trial_id)
+    clock.now += 7080
+    stopper = BudgetStopper(account)
+    assert not stopper("a", {"time_this_iter_s": 60.0})
+    clock.now += 130
+    assert stopper("b", {"time_this_iter_s": 60.0}) and stopper("c", {})
+    assert not stopper.stop_all()
+    for trial_id in ("a", "b", "c", "d"):
+        account.trial_finished(trial_id)
+    # a and d stopped early by ASHA; c ran its last epoch when the budget stopped it
+    line = account.summary_line(["a", "b", "d", "not-this-budget's"])
+    assert line == "budget 2h: spent 2h on 4 trials (2 stopped early by ASHA, 1 stopped " \
+                   "by the budget)"
+    record = account.record(["a", "b", "d"])
+    assert {k: record[k] for k in ("budget", "unit", "trials", "stopped_early_by_scheduler",
+                                   "stopped_by_budget")} == {
+        "budget": "2h", "unit": "wall", "trials": 4, "stopped_early_by_scheduler": 2,
+        "stopped_by_budget": 1}
+    gpu = BudgetAccount(Budget(5400, "gpu-h"), gpus_per_trial=0.5, clock=clock)
+    gpu.trial_started("a")
+    clock.now += 3600
+    assert gpu.summary_line([]) == "budget 1.5gpu-h: spent 0.50gpu-h (1h wall time) on 1 trial"
+
+
+def test_a_pickled_account_keeps_what_was_spent_but_not_its_clock() -> None:
+    clock = FakeClock()
+    account = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0,
+                            clock=lambda: clock.now)  # a lambda: pickle refuses it
+    account.trial_started("a")
+    account.trial_started("b")
+    clock.now += 200
+    account.trial_finished("b")
+    clock.now += 400
+    copy = pickle.loads(pickle.dumps(account))
+    assert copy.gpu_spent_s == pytest.approx(800, abs=1)  # a 600 s, b 200 s
+    assert copy.wall_spent_s == pytest.approx(600, abs=1)
+    assert copy.trial_ids == {"a", "b"} and copy.budget == account.budget
+    fresh = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0, clock=clock)
+    fresh.carry_over(copy)
+    assert fresh.gpu_spent_s == pytest.approx(800, abs=1) and fresh.clock is clock
+    assert fresh.finished_trial_s == [200]  # the estimate for the next trial
+    fresh.epoch_reported("a", 10.0)  # a restored trial counts again from its next report
+    clock.now += 100
+    assert fresh.gpu_spent_s == pytest.approx(900, abs=1)
+
+
+def test_the_searcher_finishes_once_the_budget_refuses_and_saves_with_it(
+        tmp_path: Path) -> None:
+    clock = FakeClock()
+
+    def searcher(account: BudgetAccount) -> StudySearch:
+        return StudySearch(space=DefineByRun(load_space("quick")), metric="best_val_acc",
+                           mode="max", account=account)
+
+    account = BudgetAccount(Budget(90, "wall"), gpus_per_trial=0, clock=lambda: clock.now)
+    search = searcher(account)
+    assert isinstance(search.suggest("a"), dict)
+    clock.now += 30
+    search.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": 1})
+    assert account.trial_ids == {"a"} and account.finished_trial_s == [30]
+    assert isinstance(search.suggest("b"), dict)  # 30 s + 30 (the mean trial) < 90
+    clock.now += 31
+    assert search.suggest("c") == Searcher.FINISHED
+    assert account.trial_ids == {"a", "b"}
+    search.save(str(tmp_path / "searcher.pkl"))  # the lambda clock is not pickled
+
+    shared = BudgetAccount(Budget(90, "wall"), gpus_per_trial=0, clock=clock)
+    restored = searcher(shared)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.account is shared and shared.wall_spent_s == pytest.approx(61, abs=1)
+    assert shared.trial_ids == {"a", "b"}
+
+
+def test_without_a_budget_the_searcher_never_finishes() -> None:
+    search = StudySearch(space=DefineByRun(load_space("quick")), metric="best_val_acc",
+                         mode="max")
+    assert all(isinstance(search.suggest(f"t{i}"), dict) for i in range(3))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_wall_budget_ends_a_search_of_more_trials_within_about_an_epoch(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
+    run = tmp_path / "runs" / "t"
+    start = time.monotonic()
+    main(["search", "--storage", str(tmp_path / "runs"), "--name", "t", "--space", str(space),
+          "--data", "digits", "--trials", "50", "--budget", "30s", "--cpus-per-trial", "1"])
+    took = time.monotonic() - start
+    out = capsys.readouterr().out
+
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
+    longest_epoch = (epochs.end_time - epochs.start_time).max()
+    assert took < 30 + 3 * longest_epoch + 30, f"{took:.0f} s, longest epoch {longest_epoch}"
+    assert 1 <= len(trials) < 50
+    assert set(trials.status) <= {"TERMINATED", "ERROR"}
+    assert set(epochs.trial_id) == set(trials.trial_id)
+    rows_per_trial = epochs.groupby("trial_id").size()
+    assert (rows_per_trial == trials.set_index("trial_id").epochs_run[rows_per_trial.index]).all()
+    assert not epochs.duplicated(["trial_id", "epoch"]).any()
+    assert "budget 30s: spent " in out and f" on {len(trials)} trial" in out
+
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    assert meta["budget"] == "30s" and meta["trials"] == len(trials)
+    (spent,) = meta["budgets_spent"]
+    assert spent["trials"] == len(trials) and spent["budget"] == "30s"
+
+
+def test_a_budget_search_records_its_trials_once_every_trial_has_ended(tmp_path: Path) -> None:
+    """A budget ends a search short of --trials (or of no number): search.json then counts
+    the trials it ran. One that Ctrl-C interrupted still has a trial running: left as it
+    was, so --add-trials says to resume it first."""
+    run = finished_run(tmp_path / "runs" / "done", whole_journal(tmp_path))
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    (run / SEARCH_FILE).write_text(json.dumps({**meta, "trials": None, "budget": "2h"}))
+    trials = pq.read_table(run / TRIALS_FILE)
+    still_running = trials.to_pandas().assign(status="RUNNING")
+    pq.write_table(pa.Table.from_pandas(still_running, schema=trials.schema), run / TRIALS_FILE)
+    record_end(RunDir.open(run), None)
+    assert json.loads((run / SEARCH_FILE).read_text())["trials"] is None
+
+    pq.write_table(trials, run / TRIALS_FILE)
+    account = BudgetAccount(Budget(7200, "wall"), gpus_per_trial=0)
+    record_end(RunDir.open(run), account)
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    assert meta["trials"] == 12 and meta["budgets_spent"][0]["budget"] == "2h"
