@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import optuna
 import pytest
+from optuna.trial import TrialState
 
+from search.cli import main
 from search.priors import PRIORS, enqueue_priors, prior_params
+from search.rundir import STUDY_NAME, RunDir
+from search.study import open_storage
 from search.warm_start import fits
 from spaces import DefineByRun, load_space, parse_space
 
@@ -31,14 +38,38 @@ def test_priors_are_clipped_into_the_space_and_equal_ones_tried_once() -> None:
     assert prior_params(space, "digits") == [{"lr": 0.2}]
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "random"])
-def test_a_study_asks_the_priors_first_except_with_the_random_sampler(sampler: str) -> None:
-    space = load_space("quick").replace(sampler=sampler)
+@pytest.mark.parametrize(("sampler", "weights"), [("tpe", "imagenet"), ("random", "imagenet"),
+                                                  ("tpe", "none")])
+def test_a_study_asks_the_priors_first_except_random_search_or_from_random_weights(
+        sampler: str, weights: str) -> None:
+    quick = load_space("quick")
+    space = quick.replace(sampler=sampler, fixed={**quick.fixed, "weights": weights})
     study = optuna.create_study()
     enqueued = enqueue_priors(study, space, "digits")
-    assert enqueued == (0 if sampler == "random" else len(PRIORS))
+    tried = sampler != "random" and weights != "none"
+    assert enqueued == (len(PRIORS) if tried else 0)
     define = DefineByRun(space)
     first = [define(study.ask()) for _ in range(len(PRIORS))]
     searched = [{p.name: config[p.name] for p in space.params} for config in first]
-    priors = prior_params(space, "digits")
-    assert (searched == priors) is (sampler != "random")
+    assert (searched == prior_params(space, "digits")) is tried
+
+
+@pytest.mark.ray
+def test_a_new_search_from_a_backbone_enqueues_the_priors_in_its_study(
+        tmp_path: Path, ray_session: None, resnet18_weights_file: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The driver's road for a new search, up to the tuner (which would ask them first)."""
+    monkeypatch.setattr("search.driver.build_tuner",
+                        lambda *args: SimpleNamespace(fit=lambda: None))
+    monkeypatch.setattr("search.driver.record_end", lambda *args: None)
+    monkeypatch.setattr("search.driver.print_summary", lambda *args: None)
+    main(["search", "--space", "quick", "--data", "digits", "--trials", "4",
+          "--weights", str(resnet18_weights_file), "--storage", str(tmp_path), "--name", "p"])
+    assert "the guides' recipes first: 3 prior configs" in capsys.readouterr().out
+    study = optuna.load_study(study_name=STUDY_NAME,
+                              storage=open_storage(RunDir.open(tmp_path / "p")))
+    space = load_space("quick")
+    assert len(study.get_trials(states=[TrialState.WAITING])) == len(PRIORS)
+    asked = [DefineByRun(space)(study.ask()) for _ in PRIORS]
+    assert [{p.name: config[p.name] for p in space.params} for config in asked] == prior_params(
+        space, "digits")
