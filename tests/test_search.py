@@ -67,15 +67,15 @@ def test_search_writes_parquet_tensorboard_and_stops_weak_trials_early(
     # ASHA's one rung is epoch 2, where (batch 32) lr 3.9e-6 is still at chance (0.15) and lrs
     # 0.078 and 0.031 are at 0.38 and 0.78; a trial is stopped there when it is below the
     # median of those recorded before it. Seeded 6, the random sampler gives the first two
-    # trials those strong lrs, then 3.9e-6: whichever of the two reported first, the third
-    # starts after one of them ended, so it is stopped, with a margin no machine's numerics
-    # close.
+    # trials those strong lrs, then 3.9e-6: two at a time (the session's Ray has 4 CPU slots,
+    # and with 4 the third raced the first two to the rung), the third starts after one of
+    # them ended, so it is stopped, with a margin no machine's numerics close.
     space = search_space_file(tmp_path, max_epochs=3, grace_period=2)
     space.write_text(space.read_text().replace("low: 0.01, high: 0.3", "low: 1.0e-6, high: 0.3")
                      .replace("batch_size: 128", "batch_size: 32")
                      .replace("metric: val_acc", "metric: val_acc\nsampler: random"))
     run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "6",
-                 "--cpus-per-trial", "1", "--sampler-seed", "6")
+                 "--cpus-per-trial", "1", "--max-concurrent", "2", "--sampler-seed", "6")
     out = capsys.readouterr().out
     # Trials get where the decoded file is, not the arrays; the run holds it (a hard link).
     decoded = decode_dataset("digits", 8, TrainConfig().val_fraction)
