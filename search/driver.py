@@ -194,8 +194,7 @@ def new_search(request: SearchRequest) -> None:
     account = open_account(request)
     searcher = make_searcher(request, storage, request.seed, request.trials, account)
     build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
-    record_end(run, account)
-    print_summary(run, account)
+    finish_search(run, account)
 
 
 def describe_size(request: SearchRequest, trials: str) -> str:
@@ -252,8 +251,7 @@ def add_trials(request: SearchRequest) -> None:
     # Seeded past the trials before, so that added trials do not repeat the first draws.
     searcher = make_searcher(request, storage, request.seed + earlier, total, account)
     build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
-    record_end(run, account)
-    print_summary(run, account)
+    finish_search(run, account)
 
 
 def resume_search(request: SearchRequest) -> None:
@@ -286,35 +284,44 @@ def resume_search(request: SearchRequest) -> None:
     tuner.fit()
     # Tune restores a budget's account with the run's stopper, out of this function's reach:
     # a resumed part's spending is not added to budgets_spent.
-    record_end(run, None)
-    print_summary(run)
+    finish_search(run, None)
 
 
-def record_end(run: RunDir, account: BudgetAccount | None) -> None:
+def finish_search(run: RunDir, account: BudgetAccount | None) -> None:
+    """Once a search, extension or resume has ended: search.json, then the summary."""
+    search = SearchRun.open(run.uri)
+    record_end(search, account)
+    print_summary(search, account)
+
+
+def stopped_early(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "TERMINATED" and r["stopped_early"]]
+
+
+def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
     """search.json once a search, extension or resume has ended: where a budget ended it,
     `trials` counts the trials the run has (fewer than asked for, or none asked for), and
     `budgets_spent` gets what this part's budget bought. A search interrupted with Ctrl-C
     (Tune saves its state and returns) has trials still running and is left as it is."""
-    rows = SearchRun.open(run.uri).trials
+    rows = search.trials
     if any(row["status"] not in ("TERMINATED", "ERROR") for row in rows):
         return
-    meta = run.read_json(SEARCH_FILE)
+    meta = dict(search.info)
     last_part = [meta, *meta.get("added", [])][-1]
     if last_part.get("budget") is not None:
         meta["trials"] = len(rows)
     if account is not None:
-        early = [r["trial_id"] for r in rows if r["status"] == "TERMINATED" and r["stopped_early"]]
+        early = [r["trial_id"] for r in stopped_early(rows)]
         meta["budgets_spent"] = [*meta.get("budgets_spent", []), account.record(early)]
-    run.write_json(SEARCH_FILE, meta)
+    search.rundir.write_json(SEARCH_FILE, meta)
 
 
-def print_summary(run: RunDir, account: BudgetAccount | None = None) -> None:
+def print_summary(search: SearchRun, account: BudgetAccount | None = None) -> None:
     """The summary of the run's trials; with a budget, what it bought."""
-    search = SearchRun.open(run.uri)
-    rows = search.trials
+    run, rows = search.rundir, search.trials
     done = [r for r in rows if r["status"] == "TERMINATED"]
     failed = [r for r in rows if r["status"] == "ERROR"]
-    early = [r for r in done if r["stopped_early"]]
+    early = stopped_early(rows)
     gpu_hours = sum(r["gpu_hours"] or 0.0 for r in rows)
     print(f"\n{len(rows)} trials: {len(done) - len(early)} ran all epochs, {len(early)} stopped "
           f"early, {len(failed)} failed; {gpu_hours:.2f} GPU-hours")

@@ -137,12 +137,12 @@ def test_a_best_trial_still_improving_at_its_last_epoch_is_noted(
     lines = best_output(capsys, str(peaked_late))
     assert note in lines
     assert lines[-1].startswith("resnet-hpo train --config") and "--epochs 6" in lines[-1]
-    print_summary(RunDir.open(peaked_late))
+    print_summary(SearchRun.open(str(peaked_late)))
     main(["results", str(peaked_late)])
     assert capsys.readouterr().out.count(note) == 2
 
     peaked_early = make_run(tmp_path / "early", [(config(lr=0.1), "t0", 0.9, 4, 6, False)])
-    print_summary(RunDir.open(peaked_early))
+    print_summary(SearchRun.open(str(peaked_early)))
     main(["results", str(peaked_early)])
     assert "note: trial" not in capsys.readouterr().out + "\n".join(
         best_output(capsys, str(peaked_early)))

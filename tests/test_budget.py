@@ -19,7 +19,7 @@ from search.cli import build_parser, main
 from search.cluster import check_resources
 from search.driver import record_end
 from search.request import DEFAULT_TRIALS, continue_request, request_from_args
-from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
+from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
 from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
 from tests.conftest import one_line_error, search_space_file
@@ -323,11 +323,11 @@ def test_a_budget_search_records_its_trials_once_every_trial_has_ended(tmp_path:
     trials = pq.read_table(run / TRIALS_FILE)
     still_running = trials.to_pandas().assign(status="RUNNING")
     pq.write_table(pa.Table.from_pandas(still_running, schema=trials.schema), run / TRIALS_FILE)
-    record_end(RunDir.open(run), None)
+    record_end(SearchRun.open(str(run)), None)
     assert json.loads((run / SEARCH_FILE).read_text())["trials"] is None
 
     pq.write_table(trials, run / TRIALS_FILE)
     account = BudgetAccount(Budget(7200, "wall"), gpus_per_trial=0)
-    record_end(RunDir.open(run), account)
+    record_end(SearchRun.open(str(run)), account)
     meta = json.loads((run / SEARCH_FILE).read_text())
     assert meta["trials"] == 12 and meta["budgets_spent"][0]["budget"] == "2h"

@@ -61,8 +61,7 @@ def test_a_new_search_from_a_backbone_enqueues_the_priors_in_its_study(
     """The driver's road for a new search, up to the tuner (which would ask them first)."""
     monkeypatch.setattr("search.driver.build_tuner",
                         lambda *args: SimpleNamespace(fit=lambda: None))
-    monkeypatch.setattr("search.driver.record_end", lambda *args: None)
-    monkeypatch.setattr("search.driver.print_summary", lambda *args: None)
+    monkeypatch.setattr("search.driver.finish_search", lambda *args: None)
     main(["search", "--space", "quick", "--data", "digits", "--trials", "4",
           "--weights", str(resnet18_weights_file), "--storage", str(tmp_path), "--name", "p"])
     assert "the guides' recipes first: 3 prior configs" in capsys.readouterr().out
