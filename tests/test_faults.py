@@ -121,8 +121,8 @@ def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_o
     assert starts[raising.name] == 3, out  # the first attempt and --max-failures 2 retries
 
     assert diverging.status == "ERROR"
-    assert re.fullmatch(r"training loss became (nan|inf|-inf) in epoch 1 \(lr 10\); lower lr "
-                        r"or use amp bf16", diverging.error), diverging.error
+    assert re.fullmatch(r"training loss became (nan|inf|-inf) in epoch 1 \(lr 10\); lower lr",
+                        diverging.error), diverging.error
     assert starts[diverging.name] == 1, out  # not retried: the same config diverges again
     assert diverging.name not in set(epochs.trial_id)
 

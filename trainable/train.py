@@ -161,8 +161,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == micro_batches:
             mean_loss = loss_sum.item() / (i + 1)
             if not math.isfinite(mean_loss):
+                other_amp = {torch.float16: " or use amp bf16", torch.bfloat16: " or use amp off",
+                             None: ""}[rt.amp_dtype]
                 raise TrainingDiverged(f"training loss became {mean_loss} in epoch {epoch + 1} "
-                                       f"(lr {lr:.3g}); lower lr or use amp bf16")
+                                       f"(lr {lr:.3g}); lower lr{other_amp}")
     elapsed = time.perf_counter() - start  # the .item() above waited for the device
     return loss_sum.item() / micro_batches, lr, micro_batches * batch_size / elapsed
 
