@@ -28,6 +28,17 @@ def _torch_configured() -> None:
     configure_torch()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ray_workers_at_normal_priority() -> Iterator[None]:
+    """Ray starts its workers at niceness 15: on a machine busy with anything else, the
+    tests' trials would get a few percent of a core and every timed step would crawl. The
+    tests' Ray instances (in process and in the searches they start) run them at the
+    tests' own priority, as Ray's job submission does for its drivers."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_worker_niceness", "0")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory,
                     monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -289,16 +288,19 @@ def test_a_wall_budget_ends_a_search_of_more_trials_within_about_an_epoch(
         tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
     space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
     run = tmp_path / "runs" / "t"
-    start = time.monotonic()
     main(["search", "--storage", str(tmp_path / "runs"), "--name", "t", "--space", str(space),
           "--data", "digits", "--trials", "50", "--budget", "30s", "--cpus-per-trial", "1"])
-    took = time.monotonic() - start
     out = capsys.readouterr().out
 
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
     epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
     longest_epoch = (epochs.end_time - epochs.start_time).max()
-    assert took < 30 + 3 * longest_epoch + 30, f"{took:.0f} s, longest epoch {longest_epoch}"
+    # From the first epoch's start, which is after the budget's clock started, to the last
+    # report: a running trial reports at most an epoch or two after the budget is spent
+    # (plus the driver's lag in stopping it). The start-up and the decode before the tuner,
+    # which load slows most, are outside the budget.
+    trained = epochs.end_time.max() - epochs.start_time.min()
+    assert trained < 30 + 3 * longest_epoch + 15, f"{trained:.0f} s, longest epoch {longest_epoch}"
     assert 1 <= len(trials) < 50
     assert set(trials.status) <= {"TERMINATED", "ERROR"}
     assert set(epochs.trial_id) == set(trials.trial_id)
