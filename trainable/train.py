@@ -54,10 +54,13 @@ class FitResult:
 
 def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None = None,
         device: str | torch.device | None = None, resume_from: Path | None = None,
-        gpu_share: float = 1.0) -> FitResult:
+        gpu_share: float = 1.0,
+        extra_metrics: Callable[[ResNet], dict[str, float]] | None = None) -> FitResult:
     """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch.
-    `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU). The process
-    should have called `trainable.configure_torch()` first."""
+    `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU).
+    `extra_metrics(model)`: more metrics of each epoch's weights, reported with the others
+    (benchmarks score a test split this way; a search never does). The process should have
+    called `trainable.configure_torch()` first."""
     rt = Runtime.for_config(cfg, device)
     if data is None:
         data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
@@ -96,6 +99,8 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
                    "epoch_time_s": time.perf_counter() - start}
+        if extra_metrics is not None:
+            metrics.update(extra_metrics(model))
         if is_better(metrics[cfg.metric], result.best.get(cfg.metric), mode):
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch = epoch + 1
