@@ -16,7 +16,12 @@ every epoch of every trial finished by then. For each seed the target is the bas
 best val_acc (random+FIFO's; random+ASHA's when `--strategies` leaves random+FIFO out); the
 script prints the epochs each strategy needed to first reach it and that against the
 baseline's. The last line is `epochs ratio (tpe+asha / BASELINE), median of N seeds: X.XX`
-(`never` if TPE+ASHA missed the target for half of the seeds or more). With
+(`never` if TPE+ASHA missed the target for half of the seeds or more), then what each search
+hands over: the config `resnet-hpo best` exports from it (its best trial by val_acc),
+retrained by `fit` at its full epochs with `--retrain-seeds` seeds that no trial used and
+scored on digits' test split, which no search selects on (the mean test_acc of each run's
+best epoch by val_acc), with the winner's curse (its best val_acc minus that). The last line
+is `handed-over (tpe+asha - random+asha), mean of N seeds: +X +- SE`. With
 `--output DIR` it writes DIR/search_efficiency.txt (this output) and
 DIR/search_efficiency.png (the curves). The searches' own output goes to search.log (in DIR,
 else in the storage).
@@ -46,16 +51,23 @@ from typing import IO, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pyarrow.parquet as pq
 
+from search.best import trial_config
 from search.cli import main as resnet_hpo
-from search.rundir import EPOCHS_FILE
+from search.rundir import EPOCHS_FILE, TRIALS_FILE, SearchRun
+from trainable import fit, load_dataset
+from trainable.device_images import DeviceImages
+from trainable.runtime import Runtime
+from trainable.train import evaluate
 
 METRIC = "val_acc"
 TASK = Path(__file__).resolve().with_name("digits_hard.yaml")
 STRATEGIES = {"tpe+asha": ("tpe", "asha"), "random+asha": ("random", "asha"),
               "random+fifo": ("random", "fifo")}
 CHALLENGER = "tpe+asha"
+RETRAIN_SEED = 10_000  # retrains use seeds from here on: no search trial does
 
 
 def baseline(names: Sequence[str]) -> str:
@@ -105,6 +117,12 @@ class Run:
     seed: int
     curve: list[float]
     seconds: float
+    handed_over: float  # the exported config's mean test_acc, retrained
+
+    @property
+    def curse(self) -> float:
+        """What the search found minus what it hands over."""
+        return self.best - self.handed_over
 
     @property
     def best(self) -> float:
@@ -125,16 +143,47 @@ def task_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run_search(label: str, name: str, seed: int, flags: list[str], storage: Path,
-               log: IO[str]) -> Run:
-    """One `resnet-hpo search ... --seed SEED` as STORAGE/NAME; its curve from epochs.parquet."""
+               log: IO[str], retrain_seeds: int) -> Run:
+    """One `resnet-hpo search ... --seed SEED` as STORAGE/NAME; its curve from
+    epochs.parquet and what it hands over."""
     start = time.monotonic()
     with contextlib.redirect_stdout(log):
         resnet_hpo(["search", *flags, "--seed", str(seed), "--storage", str(storage),
                     "--name", name])
     rows = pq.read_table(storage / name / EPOCHS_FILE).to_pylist()
-    run = Run(label, seed, best_so_far(rows), time.monotonic() - start)
-    print(f"  ran {label} seed {seed}: {len(run.curve)} epochs, {run.seconds:.0f} s", flush=True)
+    seconds = time.monotonic() - start
+    run = Run(label, seed, best_so_far(rows), seconds,
+              handed_over(storage / name, retrain_seeds))
+    print(f"  ran {label} seed {seed}: {len(run.curve)} epochs, {run.seconds:.0f} s, hands "
+          f"over test_acc {run.handed_over:.4f}", flush=True)
     return run
+
+
+def handed_over(run_dir: Path, seeds: int) -> float:
+    """The mean test_acc of the run's exported config (its best trial's, as `resnet-hpo
+    best` exports it) retrained with `seeds` new seeds: each run's best epoch by val_acc."""
+    run = SearchRun.open(str(run_dir))
+    cfg = trial_config(run.ranked[0], str(run_dir / TRIALS_FILE))
+    data = load_dataset(cfg.data, cfg.resolution, cfg.val_fraction)
+    assert data.test is not None
+    scores = []
+    for k in range(seeds):
+        retrain = cfg.replace(seed=RETRAIN_SEED + k)
+        rt = Runtime.for_config(retrain, None)
+        model = fit(retrain, data=data).model
+        scores.append(evaluate(model, DeviceImages(data.test, rt.device), rt,
+                               2 * retrain.batch_size)[1])
+    return float(np.mean(scores))
+
+
+def paired_difference(results: list[dict[str, Run]], name: str, reference: str
+                      ) -> tuple[float, float]:
+    """(mean, standard error) over the seeds of name's handed-over test_acc minus the
+    reference's (0 error from one seed)."""
+    diffs = np.array([runs[name].handed_over - runs[reference].handed_over
+                      for runs in results])
+    se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+    return float(diffs.mean()), se
 
 
 def machine() -> str:
@@ -182,12 +231,12 @@ def table(runs: dict[str, Run]) -> list[str]:
     base = runs[base_name].reach(target)
     lines = [f"seed {runs[base_name].seed}: target = {base_name}'s best val_acc {target:.4f}",
              f"  {'strategy':12s} {'epochs spent':>12s} {'best val_acc':>12s} "
-             f"{'epochs to target':>16s} {'vs base':>7s} {'wall s':>7s}"]
+             f"{'epochs to target':>16s} {'vs base':>7s} {'wall s':>7s} {'handed over':>11s}"]
     for name, run in runs.items():
         reached = run.reach(target)
         vs = "-" if reached is None else f"{ratio(reached, base):.2f}"
         lines.append(f"  {name:12s} {len(run.curve):12d} {run.best:12.4f} {fmt(reached):>16s} "
-                     f"{vs:>7s} {run.seconds:7.0f}")
+                     f"{vs:>7s} {run.seconds:7.0f} {run.handed_over:11.4f}")
     return lines
 
 
@@ -209,6 +258,16 @@ def summary(results: list[dict[str, Run]]) -> list[str]:
                          f"{median_ratio(per_seed):>7s}  {seeds}")
     lines.append(f"epochs ratio ({CHALLENGER} / {base_name}), median of {len(results)} seed"
                  f"{'s' * (len(results) > 1)}: {median_ratio(ratios[CHALLENGER])}")
+    lines.append(f"  {'strategy':12s} {'handed over':>11s} {'found':>7s} {'curse':>7s}  "
+                 f"(means of {len(results)} seeds)")
+    for name in results[0]:
+        runs = [r[name] for r in results]
+        lines.append(f"  {name:12s} {np.mean([r.handed_over for r in runs]):11.4f} "
+                     f"{np.mean([r.best for r in runs]):7.4f} "
+                     f"{np.mean([r.curse for r in runs]):+7.4f}")
+    mean, se = paired_difference(results, CHALLENGER, "random+asha")
+    lines.append(f"handed-over ({CHALLENGER} - random+asha), mean of {len(results)} seed"
+                 f"{'s' * (len(results) > 1)}: {mean:+.4f} +- {se:.4f}")
     return lines
 
 
@@ -252,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                 flags = [*task_flags(args), "--trials", str(args.trials),
                          "--sampler", sampler, "--scheduler", scheduler]
                 runs[label] = run_search(label, f"{sampler}-{scheduler}-seed{seed}", seed,
-                                         flags, storage, log)
+                                         flags, storage, log, args.retrain_seeds)
             results.append(runs)
             lines += table(runs)
             print("\n".join(lines[-len(runs) - 2:]), flush=True)
@@ -274,6 +333,8 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", type=Path,
                         help="keep the run directories here (default: a temporary directory)")
     parser.add_argument("--output", type=Path, help="write the results here")
+    parser.add_argument("--retrain-seeds", type=int, default=3,
+                        help="seeds each search's exported config is retrained with (default 3)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -284,8 +345,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              f"{','.join(STRATEGIES)})")
     add_task_args(parser)
     args = parser.parse_args(argv)
-    if args.trials < 1 or args.repeats < 1:
-        parser.error("--trials and --repeats must be >= 1")
+    if min(args.trials, args.repeats, args.retrain_seeds) < 1:
+        parser.error("--trials, --repeats and --retrain-seeds must be >= 1")
     args.strategies = args.strategies.split(",")
     if not {CHALLENGER, "random+asha"} <= set(args.strategies) <= set(STRATEGIES):
         parser.error(f"--strategies: {CHALLENGER} and random+asha, and random+fifo if wanted")

@@ -50,10 +50,11 @@ def table(source: Run, cold: Run, warm: Run) -> list[str]:
              f"earlier run, seed {source.seed}: best {source.best:.4f} in {len(source.curve)} "
              "epochs)",
              f"  {'search':8s} {'epochs spent':>12s} {'best val_acc':>12s} "
-             f"{'epochs to target':>16s} {'wall s':>7s}"]
+             f"{'epochs to target':>16s} {'wall s':>7s} {'handed over':>11s}"]
     for run in (cold, warm):
         lines.append(f"  {run.label:8s} {len(run.curve):12d} {run.best:12.4f} "
-                     f"{fmt(reached[run.label]):>16s} {run.seconds:7.0f}")
+                     f"{fmt(reached[run.label]):>16s} {run.seconds:7.0f} "
+                     f"{run.handed_over:11.4f}")
     warm_ratio = ratio(reached["warm"], reached["cold"])
     lines.append("  epochs ratio (warm / cold): "
                  + ("never" if math.isinf(warm_ratio) else f"{warm_ratio:.2f}"))
@@ -76,12 +77,14 @@ def main(argv: list[str] | None = None) -> None:
             source_name = f"source-seed{seed}"
             source = run_search("earlier", source_name, seed + SOURCE_SEED_OFFSET,
                                 [*task_flags(args), "--trials", str(args.source_trials)],
-                                storage, log)
+                                storage, log, args.retrain_seeds)
             flags = [*task_flags(args), "--trials", str(args.trials)]
-            cold = run_search("cold", f"cold-seed{seed}", seed, flags, storage, log)
+            cold = run_search("cold", f"cold-seed{seed}", seed, flags, storage, log,
+                              args.retrain_seeds)
             warm = run_search("warm", f"warm-seed{seed}", seed,
                               [*flags, "--warm-start", str(storage / source_name),
-                               "--warm-start-top", str(args.warm_start_top)], storage, log)
+                               "--warm-start-top", str(args.warm_start_top)], storage, log,
+                              args.retrain_seeds)
             ratios.append(ratio(warm.reach(cold.best), cold.reach(cold.best)))
             lines += table(source, cold, warm)
             print("\n".join(lines[-5:]), flush=True)
@@ -100,8 +103,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the earlier run's best configs tried first (default 4)")
     add_task_args(parser)
     args = parser.parse_args(argv)
-    if min(args.trials, args.source_trials, args.warm_start_top, args.repeats) < 1:
-        parser.error("--trials, --source-trials, --warm-start-top and --repeats must be >= 1")
+    if min(args.trials, args.source_trials, args.warm_start_top, args.repeats,
+           args.retrain_seeds) < 1:
+        parser.error("--trials, --source-trials, --warm-start-top, --repeats and "
+                     "--retrain-seeds must be >= 1")
     return args
 
 

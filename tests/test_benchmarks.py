@@ -132,7 +132,7 @@ def test_warm_start_benchmark_prints_the_ratio(tmp_path: Path, ray_session: None
     storage = tmp_path / "runs"
     warm_start_benchmark(["--space", str(space), "--trials", "2", "--source-trials", "2",
                           "--warm-start-top", "1", "--repeats", "1", "--resolution", "8",
-                          "--storage", str(storage)])
+                          "--retrain-seeds", "1", "--storage", str(storage)])
     lines = capsys.readouterr().out.splitlines()
     for search in ("earlier seed 1000", "cold seed 0", "warm seed 0"):
         assert f"  ran {search}: 2 epochs, " in "\n".join(lines)

@@ -65,11 +65,15 @@ def test_three_searches_print_the_ratio(tmp_path: Path, ray_session: None,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     space = search_space_file(tmp_path, max_epochs=1, grace_period=1)
     main(["--space", str(space), "--trials", "1", "--resolution", "8", "--repeats", "1",
-          "--output", str(tmp_path / "out")])
+          "--retrain-seeds", "1", "--output", str(tmp_path / "out")])
     out = capsys.readouterr().out
     for strategy in ("tpe+asha", "random+asha", "random+fifo"):
-        assert f"  ran {strategy} seed 0: 1 epochs" in out
+        assert re.search(rf"  ran {re.escape(strategy)} seed 0: 1 epochs, \d+ s, hands over "
+                         r"test_acc 0\.\d{4}\n", out), strategy
+    lines = out.splitlines()
     assert re.fullmatch(r"epochs ratio \(tpe\+asha / random\+fifo\), median of 1 seed: "
-                        r"(\d+\.\d\d|never)", out.splitlines()[-1])
+                        r"(\d+\.\d\d|never)", lines[-6])
+    assert re.fullmatch(r"handed-over \(tpe\+asha - random\+asha\), mean of 1 seed: "
+                        r"[+-]\d\.\d{4} \+- 0\.0000", lines[-1])
     assert (tmp_path / "out" / "search_efficiency.png").stat().st_size > 0
     assert (tmp_path / "out" / "search_efficiency.txt").read_text().startswith("# ")
