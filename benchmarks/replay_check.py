@@ -41,9 +41,9 @@ import numpy as np
 import optuna
 import torch
 
-from benchmarks import replay_record, transfer
+from benchmarks import replay_record
 from benchmarks.replay_table import DATA_DIR, Curve, Table, config_of, read_table
-from benchmarks.search_replay import STRATEGIES, Outcome, TableRuns, replay
+from benchmarks.search_replay import STRATEGIES, Outcome, Runs, TableRuns, replay
 from trainable import Dataset, TrainingDiverged, configure_torch, fit
 from trainable.device_images import DeviceImages
 from trainable.runtime import Runtime
@@ -159,7 +159,7 @@ def paired(a: list[Outcome], b: list[Outcome]) -> tuple[float, float]:
 
 def check_task(name: str, table: Table, live: LiveRuns, args: argparse.Namespace,
                strategies: list[str]) -> bool:
-    kinds = {"replay": TableRuns(table), "real": live}
+    kinds: dict[str, Runs] = {"replay": TableRuns(table), "real": live}
     outcomes: dict[tuple[str, str], list[Outcome]] = {}
     for seed in range(args.seeds):
         for strategy in strategies:
@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strategies", default="default,random+asha",
                         help="two or more; the first two are compared")
     parser.add_argument("--workers", type=int, default=2, help="threads for full runs")
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help="the transfer tasks' backbone, as benchmarks/replay_record.py "
+                             "takes it (the tables' own, to check them)")
     args = parser.parse_args(argv)
     tasks, strategies = args.tasks.split(","), args.strategies.split(",")
     for task in tasks:
@@ -221,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
             task = replay_record.TASKS[name]
             table = read_table(Path(args.tables) / f"{name}.parquet")
             if task.backbone and backbone is None:
-                backbone = transfer.pretrain(transfer.all_digits(), Path(tmp) / "backbone",
-                                             replay_record.SOURCE_EPOCHS, seed=0)
+                backbone = replay_record.source_backbone(args.backbone or Path(tmp) / "backbone",
+                                                         replay_record.SOURCE_EPOCHS)
             fixed = {"weights": backbone} if task.backbone else {}
             live = LiveRuns(table, task.data(table.space), fixed, args.workers)
             agree += check_task(name, table, live, args, strategies)

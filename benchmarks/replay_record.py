@@ -56,11 +56,12 @@ from trainable import Dataset, TrainingDiverged, configure_torch, fit
 from trainable.data import load_dataset
 from trainable.device_images import DeviceImages
 from trainable.runtime import Runtime
+from trainable.saved import MODEL_FILE
 from trainable.train import evaluate
 
 BENCHMARKS = Path(__file__).resolve().parent
 SHAPES_PER_CLASS = 40  # to train, as many to score and as many to test
-TRANSFER_PER_CLASS = 30  # to train and to score; twice as many to test
+TRANSFER_PER_CLASS = 30  # to train, as many to score and as many to test
 SOURCE_EPOCHS = 15
 
 
@@ -79,9 +80,9 @@ def shapes(space: SearchSpace) -> Dataset:
 
 
 def transfer_digits(space: SearchSpace) -> Dataset:
-    val, train, test = transfer.per_class_splits(
+    val, train, test, _ = transfer.per_class_splits(
         transfer.all_digits(), transfer.TARGET_DIGITS,
-        [TRANSFER_PER_CLASS, TRANSFER_PER_CLASS, 2 * TRANSFER_PER_CLASS], seed=0)
+        [TRANSFER_PER_CLASS, TRANSFER_PER_CLASS, TRANSFER_PER_CLASS, None], seed=0)
     return Dataset("digits 5-9", space.config({}).resolution,
                    [str(d) for d in transfer.TARGET_DIGITS], train, val, test)
 
@@ -207,6 +208,15 @@ def record(name: str, args: argparse.Namespace, backbone: str | None) -> Path:
     return path
 
 
+def source_backbone(directory: Path, epochs: int) -> str:
+    """The transfer tasks' backbone: the one in `directory` if it holds a model, else
+    trained there (benchmarks/transfer.py's source, seed 0)."""
+    if (directory / MODEL_FILE).exists():
+        return str(directory)
+    return transfer.pretrain(transfer.all_digits(), directory, epochs, seed=0,
+                             check=epochs == SOURCE_EPOCHS)
+
+
 def describe_machine() -> str:
     try:
         model = next(line.split(":", 1)[1].strip()
@@ -235,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
                              "every task instead of its own design")
     parser.add_argument("--workers", type=int, default=2, help="processes, one thread each")
     parser.add_argument("--output", default=str(DATA_DIR))
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help="the transfer tasks' backbone directory: reused if it holds a "
+                             "model, else trained there (default: a temporary directory)")
     parser.add_argument("--limit", type=int, default=None,
                         help="record only the first N configurations (a smoke run)")
     args = parser.parse_args(argv)
@@ -250,9 +263,8 @@ def main(argv: list[str] | None = None) -> None:
         backbone = None
         for name in tasks:
             if TASKS[name].backbone and backbone is None:
-                backbone = transfer.pretrain(transfer.all_digits(), Path(tmp) / "backbone",
-                                             SOURCE_EPOCHS if args.limit is None else 1,
-                                             seed=0, check=args.limit is None)
+                backbone = source_backbone(args.backbone or Path(tmp) / "backbone",
+                                           SOURCE_EPOCHS if args.limit is None else 1)
             record(name, args, backbone if TASKS[name].backbone else None)
 
 
