@@ -140,6 +140,16 @@ def add_search_parser(commands: Subcommands) -> None:
                              "GPU-hours summed over trials (1.5gpu-h); running trials are "
                              "stopped at their next epoch once it is spent. With --trials, "
                              "whichever comes first")
+    search.add_argument("--confirm", type=int, metavar="K",
+                        help="after the search, train its K best configs again for the "
+                             "max epochs with new seeds (--confirm-seeds) and hand over the "
+                             "one with the best mean (default 0: the best trial). With "
+                             "--budget its cost (K x R runs at the mean epoch time seen, in "
+                             "parallel) is held back from the first epoch on; it is unknown "
+                             "before, so only K above --trials is refused at the start")
+    search.add_argument("--confirm-seeds", type=int, metavar="R",
+                        help="new seeds per confirmed config, none a search trial used "
+                             "(default 2)")
     search.add_argument("--sampler", help="tpe | cmaes | random | qmc | gp (Optuna, seeded)")
     search.add_argument("--scheduler", help="asha | fifo")
     search.add_argument("--max-epochs", type=int, help="epochs per trial; ASHA's max_t")
