@@ -372,11 +372,14 @@ def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
     print(f"\nconfirm: the best {len(plan.trial_ids)} configs again for {plan.epochs} epochs "
           f"with seeds {', '.join(map(str, plan.seeds))} (no search trial used them); "
           f"results in {confirm.uri}", flush=True)
-    if tune.Tuner.can_restore(confirm.uri):
-        check_tune_state(confirm)
+    if tune.Tuner.can_restore(confirm.uri) and tune_state_problem(confirm) is None:
+        for line in mend_trial_checkpoints(confirm):
+            print(line, flush=True)
         tuner = tune.Tuner.restore(confirm.uri, trainable=build_trainable(request, data),
                                    resume_unfinished=True, resume_errored=True)
     else:
+        if confirm.exists():  # killed before Tune saved a whole state: start the runs over
+            confirm.fs.delete_dir(confirm.path)
         tuner = build_confirm_tuner(request, data, concurrent, plan.configs(search))
     tuner.fit()
     rows = confirm.read_table(TRIALS_FILE).to_pylist()

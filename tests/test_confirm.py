@@ -224,10 +224,16 @@ def test_a_search_confirms_its_best_configs_and_hands_over_the_best_mean(
     best = yaml.safe_load((run / BEST_FILE).read_text())
     assert (best["lr"], best["label_smoothing"]) == (handed["lr"], handed["label_smoothing"])
 
-    # killed before the confirm stage's runs started: --resume confirms the planned configs
-    shutil.rmtree(run / CONFIRM_DIR)
+    # Killed once the confirm runs had ended, before their outcome was recorded: --resume
+    # restores the confirm stage's Tune run and records the same outcome.
     planned = {k: confirm[k] for k in ("top", "seeds_per_config", "trial_ids", "seeds",
                                        "epochs")}
+    (run / SEARCH_FILE).write_text(json.dumps({**meta, "confirm": planned}))
+    main(["search", *flags, "--resume"])
+    assert json.loads((run / SEARCH_FILE).read_text())["confirm"] == confirm
+    assert pq.read_table(run / CONFIRM_DIR / TRIALS_FILE).to_pylist() == confirmed
+    # Killed before the confirm runs started: --resume runs the planned configs and seeds.
+    shutil.rmtree(run / CONFIRM_DIR)
     (run / SEARCH_FILE).write_text(json.dumps({**meta, "confirm": planned}))
     main(["search", *flags, "--resume"])
     again = json.loads((run / SEARCH_FILE).read_text())["confirm"]
