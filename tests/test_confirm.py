@@ -9,6 +9,7 @@ import math
 import pickle
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,11 @@ from search.budget import Budget, BudgetAccount, ConfirmCost
 from search.cli import main
 from search.confirm import CONFIRM_DIR, ConfirmPlan
 from search.request import request_from_args
-from search.rundir import BEST_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
-from tests.conftest import one_line_error, search_space_file
+from search.rundir import BEST_FILE, EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
+from tests.conftest import one_line_error, reported_epochs, search_space_file
 from tests.rundir_fixture import sampled_run
 from tests.test_budget import FakeClock, never_starts_ray, search_args
-from tests.test_faults import tiny_images, tpe_fifo_space
+from tests.test_faults import kill_when, resnet_hpo, tiny_images, tpe_fifo_space
 from trainable.config import TrainConfig
 
 
@@ -240,3 +241,44 @@ def test_a_search_confirms_its_best_configs_and_hands_over_the_best_mean(
     assert again["trial_ids"] == confirm["trial_ids"] and again["seeds"] == [1, 2]
     assert again["handed_over"] in confirm["trial_ids"]
     assert len(pq.read_table(run / CONFIRM_DIR / TRIALS_FILE)) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_search_killed_during_its_confirm_stage_finishes_it_on_resume(
+        tmp_path: Path, ray_session: None) -> None:
+    """SIGKILL of the driver once a confirm run has a checkpoint and Tune has saved the
+    confirm stage's state; `--resume` goes on with the same runs from their checkpoints
+    (no run is started twice, each epoch is in RUN/confirm/epochs.parquet once) and hands
+    over the best mean."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    run, log = tmp_path / "k", tmp_path / "driver.log"
+    flags = ["--storage", str(tmp_path), "--name", "k", "--address", address]
+    confirm = run / CONFIRM_DIR
+
+    def confirming() -> bool:
+        return bool(list(confirm.glob("experiment_state-*.json"))) and any(
+            epoch >= 1 for epoch in reported_epochs(confirm).values())
+
+    with log.open("ab") as out:
+        driver = subprocess.Popen(resnet_hpo(
+            "search", *flags, "--space", str(tpe_fifo_space(tmp_path, epochs=2)),
+            "--data", tiny_images(tmp_path), "--trials", "3", "--max-concurrent", "2",
+            "--confirm", "2", "--confirm-seeds", "1"), stdout=out, stderr=subprocess.STDOUT)
+    kill_when(driver, confirm, confirming, log)
+    started = set(reported_epochs(confirm))
+    assert "handed_over" not in json.loads((run / SEARCH_FILE).read_text())["confirm"]
+
+    main(["search", *flags, "--resume"])
+    rows = pq.read_table(confirm / TRIALS_FILE).to_pylist()
+    epochs = pq.read_table(confirm / EPOCHS_FILE).to_pandas()
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"TERMINATED"}
+    assert started <= {r["trial_id"] for r in rows}  # went on, not started again
+    assert sorted(epochs.groupby("trial_id").epoch.apply(sorted).tolist()) == [[1, 2]] * 2
+    outcome = json.loads((run / SEARCH_FILE).read_text())["confirm"]
+    configs = outcome["configs"]
+    assert [len(c["runs"]) for c in configs] == [1, 1]
+    best = max(c["mean"] for c in configs)  # the first of equals, as the search ranked them
+    assert outcome["handed_over"] == next(c for c in configs if c["mean"] == best)["trial_id"]
