@@ -142,9 +142,9 @@ def run_config(request: SearchRequest, storage: str, name: str, results_uri: str
 
 
 def build_confirm_tuner(request: SearchRequest, data: DecodedData, concurrent: int,
-                        configs: list[dict[str, Any]]) -> Any:
+                        configs: list[dict[str, Any]], confirm: RunDir) -> Any:
     """The confirm stage's tuner (search/confirm.py): each config once, first come first
-    run, in RUN/confirm."""
+    run, in `confirm` (RUN/confirm)."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -156,8 +156,8 @@ def build_confirm_tuner(request: SearchRequest, data: DecodedData, concurrent: i
             search_alg=ConfigQueue(configs),
             scheduler=FIFOScheduler(), num_samples=len(configs),
             max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
-        run_config=run_config(request, request.run_uri, CONFIRM_DIR,
-                              f"{request.run_uri}/{CONFIRM_DIR}", len(configs)))
+        run_config=run_config(request, request.run_uri, CONFIRM_DIR, confirm.uri,
+                              len(configs)))
 
 
 def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
@@ -293,9 +293,9 @@ def add_trials(request: SearchRequest) -> None:
     account = open_account(request, concurrent)
     # Seeded past the trials before, so that added trials do not repeat the first draws.
     searcher = make_searcher(request, storage, request.seed + earlier, total, account)
-    data = decoded.published(run.uri)
-    build_tuner(request, data, concurrent, searcher, account).fit()
-    finish_search(run, request, data, concurrent, account)
+    published = decoded.published(run.uri)
+    build_tuner(request, published, concurrent, searcher, account).fit()
+    finish_search(run, request, published, concurrent, account)
 
 
 def resume_search(request: SearchRequest) -> None:
@@ -343,9 +343,9 @@ def finish_search(run: RunDir, request: SearchRequest, data: DecodedData, concur
     and returns) has trials still running: it is left as it is, for --resume."""
     search = SearchRun.open(run.uri)
     if request.confirm and not interrupted(search.trials) and search.ranked:
-        spent = None if account is None else account.spent
+        spent = 0.0 if account is None else account.spent
         gpu_hours = confirm_stage(search, request, data, concurrent)
-        if account is not None and spent is not None:
+        if account is not None:
             account.confirm_ran(spent, gpu_hours)
         search = SearchRun.open(run.uri)
     record_end(search, account)
@@ -380,7 +380,7 @@ def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
     else:
         if confirm.exists():  # killed before Tune saved a whole state: start the runs over
             confirm.fs.delete_dir(confirm.path)
-        tuner = build_confirm_tuner(request, data, concurrent, plan.configs(search))
+        tuner = build_confirm_tuner(request, data, concurrent, plan.configs(search), confirm)
     tuner.fit()
     rows = confirm.read_table(TRIALS_FILE).to_pylist()
     if interrupted(rows):  # Ctrl-C: --resume finishes it

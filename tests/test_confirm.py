@@ -11,6 +11,7 @@ import shutil
 import statistics
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -27,6 +28,7 @@ from tests.conftest import one_line_error, reported_epochs, search_space_file
 from tests.rundir_fixture import sampled_run
 from tests.test_budget import FakeClock, never_starts_ray, search_args
 from tests.test_faults import kill_when, resnet_hpo, tiny_images, tpe_fifo_space
+from tests.test_study import finished_run, whole_journal
 from trainable.config import TrainConfig
 
 
@@ -282,3 +284,34 @@ def test_a_search_killed_during_its_confirm_stage_finishes_it_on_resume(
     assert [len(c["runs"]) for c in configs] == [1, 1]
     best = max(c["mean"] for c in configs)  # the first of equals, as the search ranked them
     assert outcome["handed_over"] == next(c for c in configs if c["mean"] == best)["trial_id"]
+
+
+def test_add_trials_hands_over_the_best_trial_of_all_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The confirm stage chose among the trials before; the extension's own trials never
+    ran beside them, so `best` ranks every trial again (the earlier confirm is kept)."""
+    import search.driver as driver
+
+    run = finished_run(tmp_path / "runs" / "done", whole_journal(tmp_path))
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    ranked = SearchRun.open(str(run)).ranked
+    earlier = {"top": 2, "seeds_per_config": 2, "handed_over": ranked[1]["trial_id"]}
+    (run / SEARCH_FILE).write_text(json.dumps({**meta, "confirm": earlier}))
+    assert SearchRun.open(str(run)).handed_over == ranked[1]
+
+    class NoTuner:
+        def fit(self) -> None:
+            pass
+
+    monkeypatch.setattr(driver, "decode_data", lambda request: (
+        SimpleNamespace(published=lambda uri: None), None))
+    monkeypatch.setattr(driver, "start_cluster", lambda request: 1)
+    monkeypatch.setattr(driver, "build_tuner", lambda *args: NoTuner())
+    monkeypatch.setattr(driver, "finish_search", lambda *args: None)
+    main(["search", "--storage", str(tmp_path / "runs"), "--name", "done", "--add-trials", "2"])
+    assert "the best trial of all is handed over now" in capsys.readouterr().out
+
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    assert "confirm" not in meta and meta["added"][-1]["confirm_before"] == earlier
+    assert SearchRun.open(str(run)).handed_over == ranked[0]
