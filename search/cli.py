@@ -200,9 +200,10 @@ def add_results_parser(commands: Subcommands) -> None:
 def add_best_parser(commands: Subcommands) -> None:
     best = commands.add_parser(
         "best", help="write the best trial's config and print the command that retrains it",
-        description="Pick the best trial by the search metric at its best epoch, write its "
+        description="Pick the best trial by the search metric at its best epoch (after "
+                    "`search --confirm`: the config with the best confirmed mean), write its "
                     "full config to RUN/best.yaml and print the `resnet-hpo train` command "
-                    "that retrains it for the epochs at which it was best.")
+                    "that retrains it for the epochs at which it was best (confirmed at).")
     best.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     best.add_argument("--output", metavar="FILE",
                       help="write the config here instead of RUN/best.yaml")
