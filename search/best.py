@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -33,17 +34,56 @@ def still_improving_note(trial: Trial) -> str | None:
 
 
 def best_trial_lines(run: SearchRun) -> list[str]:
-    """The best trial as the end of a search, `results` and `best` show it: its metric at
-    its best epoch, whether it was still improving, and the searched values it used."""
-    trial = run.ranked[0]
-    lines = [f"best trial {trial['trial_id']} of {len(run.trials)}: {run.metric} "
-             f"{trial['best_metric']:.4f} at epoch {trial['best_epoch']} (ran "
-             f"{trial['epochs_run']} of {trial['epochs']} epochs)"]
+    """The trial whose config the search hands over (SearchRun.handed_over) as the end of a
+    search, `results` and `best` show it: its metric at its best epoch, whether it was
+    still improving, and the searched values it used; after a confirm stage, what each
+    confirmed config scored with new seeds against what the search found."""
+    trial = run.handed_over
+    assert trial is not None, "a run with no scored trial has nothing to hand over"
+    found = (f"{run.metric} {trial['best_metric']:.4f} at epoch {trial['best_epoch']} (ran "
+             f"{trial['epochs_run']} of {trial['epochs']} epochs)")
+    confirm = confirmed(run)
+    if confirm is None:
+        lines = [f"best trial {trial['trial_id']} of {len(run.trials)}: {found}"]
+    else:
+        lines = confirm_lines(run, confirm)
+        changed = ("" if trial["trial_id"] == run.ranked[0]["trial_id"] else
+                   f"; confirming changed it from trial {run.ranked[0]['trial_id']}, the "
+                   "search's best")
+        lines.append(f"handed over: trial {trial['trial_id']} of {len(run.trials)}, the best "
+                     f"confirmed mean{changed}; the search found {found}")
     note = still_improving_note(trial)
-    if note:
+    if note and confirm is None:
         lines.append(note)
     values = active_values(trial, searched_params(run))
     return lines + [f"  {name}: {format_value(value)}" for name, value in values.items()]
+
+
+def confirmed(run: SearchRun) -> dict[str, Any] | None:
+    """search.json's record of the confirm stage (search/confirm.py) once it chose."""
+    confirm = run.info.get("confirm") or {}
+    return confirm if confirm.get("handed_over") is not None else None
+
+
+def confirm_lines(run: SearchRun, confirm: dict[str, Any]) -> list[str]:
+    """One line per confirmed config: its search trial's best against the mean ± standard
+    error of its confirm runs' best epochs."""
+    seeds = confirm["seeds"]
+    lines = [f"confirm: the best {len(confirm['configs'])} configs again for "
+             f"{confirm['epochs']} epochs with {len(seeds)} new seed{'s' * (len(seeds) > 1)} "
+             f"each ({', '.join(map(str, seeds))}); {run.metric} found -> confirmed"]
+    for config in confirm["configs"]:
+        scored = [r for r in config["runs"] if r["best_metric"] is not None
+                  and math.isfinite(r["best_metric"])]
+        if config["mean"] is None:
+            mean = "no run scored"
+        elif config["stderr"] is None:
+            mean = f"{config['mean']:.4f} (1 run)"
+        else:
+            mean = f"{config['mean']:.4f} ± {config['stderr']:.4f} ({len(scored)} runs)"
+        chosen = "  <- handed over" if config["trial_id"] == confirm["handed_over"] else ""
+        lines.append(f"  trial {config['trial_id']}: {config['found']:.4f} -> {mean}{chosen}")
+    return lines
 
 
 def retrain_epochs(trial: Trial, cfg: TrainConfig) -> int:
@@ -91,15 +131,19 @@ def best_command(run_uri: str, output: str | None) -> None:
         raise UserError(f"{run.rundir.uri_of(TRIALS_FILE)}: no trial has reported "
                         f"{run.metric} without failing yet; wait for the search or check its "
                         "errors with `resnet-hpo results`")
-    trial = run.ranked[0]
+    trial = run.handed_over
+    assert trial is not None
     cfg = trial_config(trial, run.rundir.uri_of(TRIALS_FILE))
+    confirm = confirmed(run)
+    if confirm is not None:  # confirmed at full epochs, each run kept its best epoch
+        cfg = cfg.replace(epochs=confirm["epochs"])
     config_path = write_best_config(run, cfg, output)
-    epochs = retrain_epochs(trial, cfg)
+    epochs = cfg.epochs if confirm is not None else retrain_epochs(trial, cfg)
     print("\n".join(best_trial_lines(run)))
     print(f"config: {config_path}")
     if cfg.weights not in ("imagenet", "none"):
         print(f"weights: {cfg.weights} (the search's backbone, which the config names)")
-    if epochs != trial["best_epoch"]:
+    if confirm is None and epochs != trial["best_epoch"]:
         print(f"note: --epochs {epochs}, not {trial['best_epoch']}: the warmup "
               f"({cfg.warmup_epochs:g} epochs) must fit in the epochs")
     if epochs != cfg.epochs:

@@ -8,6 +8,7 @@ clock.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +53,15 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
 
 
+@dataclass(frozen=True)
+class ConfirmCost:
+    """What a search's confirm stage (search/confirm.py) will run: `runs` trials of `epochs`
+    epochs each, `slots` at a time."""
+    runs: int
+    epochs: int
+    slots: int
+
+
 class BudgetAccount:
     """The time a search has spent against its budget, from when the account was opened
     (just before the tuner runs).
@@ -62,14 +72,27 @@ class BudgetAccount:
     trials finished so far, or before any has finished, the longest epoch reported (0
     before the first report, so the first trial always starts).
 
+    With a confirm stage (`confirm`), its cost is held back: K x R runs of the full epochs
+    at the mean epoch time reported so far, in waves of `slots` for wall time. It is 0
+    before the first report (no epoch time is known before), so the first trial always
+    starts; from then on no trial starts, and running trials are stopped, once the time
+    spent plus the confirm's would pass the budget.
+
     Pickled (Tune saves the searcher and the run config), it keeps the budget and what has
     been spent; the clock restarts where it is unpickled, and trials then running count
     again from their next report.
     """
 
+    # class defaults: an account pickled before the confirm stage existed lacks them
+    confirm: ConfirmCost | None = None
+    epoch_s_total = 0.0
+    epochs_reported = 0
+    confirm_spent_s: float | None = None  # in the budget's unit, once the confirm has run
+
     def __init__(self, budget: Budget, gpus_per_trial: float,
-                 clock: Callable[[], float] = time.monotonic):
-        self.budget, self.gpus_per_trial = budget, gpus_per_trial
+                 clock: Callable[[], float] = time.monotonic,
+                 confirm: ConfirmCost | None = None):
+        self.budget, self.gpus_per_trial, self.confirm = budget, gpus_per_trial, confirm
         self._open(clock)
         self.earlier_wall_s = 0.0  # spent before the last unpickling
         self.earlier_gpu_s = 0.0  # by trials that were running then
@@ -118,15 +141,26 @@ class BudgetAccount:
         """Seconds spent in the budget's unit (GPU-seconds for a GPU-hour budget)."""
         return self.gpu_spent_s if self.budget.unit == "gpu-h" else self.wall_spent_s
 
+    @property
+    def reserved(self) -> float:
+        """The confirm stage's estimated cost in the budget's unit (0 without one, or before
+        the first report)."""
+        if self.confirm is None or not self.epochs_reported:
+            return 0.0
+        run_s = self.confirm.epochs * self.epoch_s_total / self.epochs_reported
+        if self.budget.unit == "gpu-h":
+            return self.confirm.runs * run_s * self.gpus_per_trial
+        return math.ceil(self.confirm.runs / self.confirm.slots) * run_s
+
     def exhausted(self) -> bool:
-        return self.spent >= self.budget.seconds
+        return self.spent + self.reserved >= self.budget.seconds
 
     def may_start(self) -> bool:
         estimate = (sum(self.finished_trial_s) / len(self.finished_trial_s)
                     if self.finished_trial_s else self.longest_epoch_s)
         if self.budget.unit == "gpu-h":
             estimate *= self.gpus_per_trial
-        return self.spent + estimate < self.budget.seconds
+        return self.spent + self.reserved + estimate < self.budget.seconds
 
     def trial_started(self, trial_id: str) -> None:
         self.running[trial_id] = self.clock()
@@ -134,6 +168,8 @@ class BudgetAccount:
 
     def epoch_reported(self, trial_id: str, epoch_s: float) -> None:
         self.longest_epoch_s = max(self.longest_epoch_s, epoch_s)
+        self.epoch_s_total += epoch_s
+        self.epochs_reported += 1
         if trial_id not in self.running:  # restored by --resume, which started it again
             self.trial_started(trial_id)
 
@@ -141,6 +177,12 @@ class BudgetAccount:
         started = self.running.pop(trial_id, None)
         if started is not None:
             self.finished_trial_s.append(self.clock() - started)
+
+    def confirm_ran(self, spent_before: float, gpu_hours: float) -> None:
+        """The confirm stage has ended: its trials' GPU-hours count (it started them itself,
+        not the searcher), and what it spent is kept for the summary."""
+        self.earlier_gpu_s += gpu_hours * 3600
+        self.confirm_spent_s = self.spent - spent_before
 
     def summary_line(self, stopped_early: Iterable[str]) -> str:
         """What the budget bought; `stopped_early`: the ids of trials that ended before
@@ -152,8 +194,17 @@ class BudgetAccount:
         how = [f"{by_scheduler} stopped early by ASHA"] if by_scheduler else []
         how += [f"{by_budget} stopped by the budget"] if by_budget else []
         trials = f"{len(self.trial_ids)} trial{'s' * (len(self.trial_ids) != 1)}"
+        confirm = "" if self.confirm_spent_s is None else (
+            f" and the confirm stage's {self.confirm.runs if self.confirm else 0} runs "
+            f"({self._format(self.confirm_spent_s)} of it)")
         return f"budget {self.budget}: spent {spent} on {trials}" + (
-            f" ({', '.join(how)})" if how else "")
+            f" ({', '.join(how)})" if how else "") + confirm
+
+    def _format(self, seconds: float) -> str:
+        """`seconds` in the budget's unit, as the user gave it."""
+        if self.budget.unit == "gpu-h":
+            return f"{seconds / 3600:.2f}gpu-h"
+        return format_duration(seconds)
 
     def record(self, stopped_early: Iterable[str]) -> dict[str, Any]:
         """The entry for search.json's `budgets_spent` (one per search or extension)."""
@@ -162,7 +213,10 @@ class BudgetAccount:
                 "wall_s": round(self.wall_spent_s, 1),
                 "gpu_hours": round(self.gpu_spent_s / 3600, 4),
                 "trials": len(self.trial_ids), "stopped_early_by_scheduler": by_scheduler,
-                "stopped_by_budget": by_budget, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "stopped_by_budget": by_budget,
+                "confirm_s": None if self.confirm_spent_s is None else round(
+                    self.confirm_spent_s, 1),
+                "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
     def _stopped(self, stopped_early: Iterable[str]) -> tuple[int, int]:
         """Of this budget's trials that stopped early, how many the scheduler stopped and

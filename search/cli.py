@@ -140,6 +140,16 @@ def add_search_parser(commands: Subcommands) -> None:
                              "GPU-hours summed over trials (1.5gpu-h); running trials are "
                              "stopped at their next epoch once it is spent. With --trials, "
                              "whichever comes first")
+    search.add_argument("--confirm", type=int, metavar="K",
+                        help="after the search, train its K best configs again for the "
+                             "max epochs with new seeds (--confirm-seeds) and hand over the "
+                             "one with the best mean (default 0: the best trial). With "
+                             "--budget its cost (K x R runs at the mean epoch time seen, in "
+                             "parallel) is held back from the first epoch on; it is unknown "
+                             "before, so only K above --trials is refused at the start")
+    search.add_argument("--confirm-seeds", type=int, metavar="R",
+                        help="new seeds per confirmed config, none a search trial used "
+                             "(default 2)")
     search.add_argument("--sampler", help="tpe | cmaes | random | qmc | gp (Optuna, seeded)")
     search.add_argument("--scheduler", help="asha | fifo")
     search.add_argument("--max-epochs", type=int, help="epochs per trial; ASHA's max_t")
@@ -190,9 +200,10 @@ def add_results_parser(commands: Subcommands) -> None:
 def add_best_parser(commands: Subcommands) -> None:
     best = commands.add_parser(
         "best", help="write the best trial's config and print the command that retrains it",
-        description="Pick the best trial by the search metric at its best epoch, write its "
+        description="Pick the best trial by the search metric at its best epoch (after "
+                    "`search --confirm`: the config with the best confirmed mean), write its "
                     "full config to RUN/best.yaml and print the `resnet-hpo train` command "
-                    "that retrains it for the epochs at which it was best.")
+                    "that retrains it for the epochs at which it was best (confirmed at).")
     best.add_argument("run_dir", metavar="RUN", help=RUN_HELP)
     best.add_argument("--output", metavar="FILE",
                       help="write the config here instead of RUN/best.yaml")

@@ -19,8 +19,9 @@ from typing import Any
 from optuna.storages.journal import JournalStorage
 
 from search.best import best_trial_lines
-from search.budget import BudgetAccount
+from search.budget import BudgetAccount, ConfirmCost
 from search.cluster import start_cluster
+from search.confirm import CONFIRM_DIR, ConfirmPlan
 from search.priors import enqueue_priors
 from search.request import DEFAULT_TRIALS, SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
@@ -68,6 +69,8 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
             "sampler": space.sampler, "scheduler": asdict(space.scheduler),
             "seed": request.seed, "trials": request.trials,
             "budget": None if request.budget is None else str(request.budget),
+            "confirm": {"top": request.confirm, "seeds_per_config": request.confirm_seeds}
+            if request.confirm else None,
             "space_file": space.source,
             "space_text": space.text, "fixed": space.fixed,
             "searched": [p.name for p in space.params], "data": data.source,
@@ -95,35 +98,66 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
     from ray import tune
 
     from search.budget_stopper import BudgetStopper
-    from search.progress import ProgressPrinter
-    from search.results_writer import ResultsWriter
-    from search.tensorboard_writer import TensorBoardWriter
     from trainable.ranking import objective_name
 
     space = request.space
-    objective = objective_name(space.metric)
-    callbacks = [
-        ResultsWriter(request.run_uri, space.metric, space.mode, request.gpus_per_trial,
-                      request.cpus_per_trial),
-        TensorBoardWriter(request.run_uri, space.metric, space.params),
-        ProgressPrinter(space.metric, [p.name for p in space.params], request.trials),
-    ]
     return tune.Tuner(
         build_trainable(request, data),
         tune_config=tune.TuneConfig(
-            search_alg=searcher, scheduler=make_scheduler(space, objective),
+            search_alg=searcher,
+            scheduler=make_scheduler(space, objective_name(space.metric)),
             # max_concurrent_trials also sets how many trials Tune keeps pending; without it
             # a search algorithm gets one (TUNE_MAX_PENDING_TRIALS_PG=auto: Ray 2.60's
             # tune_controller._get_max_pending_trials), so fractional-GPU trials would start
             # one at a time. Tuner.restore keeps the original run's value.
             num_samples=request.trials or -1, max_concurrent_trials=concurrent,
             trial_dirname_creator=trial_dirname),
-        run_config=tune.RunConfig(
-            name=request.name, storage_path=request.storage, callbacks=callbacks, verbose=0,
-            stop=None if account is None else BudgetStopper(account),
-            # Every checkpoint holds the best epoch's weights so far: the latest is enough.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            failure_config=tune.FailureConfig(max_failures=request.max_failures)))
+        run_config=run_config(request, request.storage, request.name, request.run_uri,
+                              request.trials,
+                              stop=None if account is None else BudgetStopper(account)))
+
+
+def run_config(request: SearchRequest, storage: str, name: str, results_uri: str,
+               trials: int | None, stop: Any = None) -> Any:
+    """The Tune run config of the search's trials or its confirm runs: their rows go to
+    results_uri's Parquet files, their scalars to the run's TensorBoard directory."""
+    from ray import tune
+
+    from search.progress import ProgressPrinter
+    from search.results_writer import ResultsWriter
+    from search.tensorboard_writer import TensorBoardWriter
+
+    space = request.space
+    callbacks = [
+        ResultsWriter(results_uri, space.metric, space.mode, request.gpus_per_trial,
+                      request.cpus_per_trial),
+        TensorBoardWriter(request.run_uri, space.metric, space.params),
+        ProgressPrinter(space.metric, [p.name for p in space.params], trials),
+    ]
+    return tune.RunConfig(
+        name=name, storage_path=storage, callbacks=callbacks, verbose=0, stop=stop,
+        # Every checkpoint holds the best epoch's weights so far: the latest is enough.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=request.max_failures))
+
+
+def build_confirm_tuner(request: SearchRequest, data: DecodedData, concurrent: int,
+                        configs: list[dict[str, Any]], confirm: RunDir) -> Any:
+    """The confirm stage's tuner (search/confirm.py): each config once, first come first
+    run, in `confirm` (RUN/confirm)."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from search.config_queue import ConfigQueue
+
+    return tune.Tuner(
+        build_trainable(request, data),
+        tune_config=tune.TuneConfig(
+            search_alg=ConfigQueue(configs),
+            scheduler=FIFOScheduler(), num_samples=len(configs),
+            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+        run_config=run_config(request, request.run_uri, CONFIRM_DIR, confirm.uri,
+                              len(configs)))
 
 
 def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
@@ -150,11 +184,15 @@ def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int,
                        account=account)
 
 
-def open_account(request: SearchRequest) -> BudgetAccount | None:
-    """The budget's account, its clock started: just before the tuner runs."""
+def open_account(request: SearchRequest, concurrent: int) -> BudgetAccount | None:
+    """The budget's account, its clock started: just before the tuner runs. With --confirm
+    it holds back the confirm stage's cost."""
     if request.budget is None:
         return None
-    return BudgetAccount(request.budget, request.gpus_per_trial)
+    confirm = ConfirmCost(request.confirm * request.confirm_seeds,
+                          request.space.scheduler.max_epochs, concurrent)
+    return BudgetAccount(request.budget, request.gpus_per_trial,
+                         confirm=confirm if request.confirm else None)
 
 
 def check_new_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
@@ -191,10 +229,11 @@ def new_search(request: SearchRequest) -> None:
     print(f"search {request.name}: {describe_size(request, 'trials')}, sampler "
           f"{request.space.sampler}, scheduler {request.space.scheduler.name}, {concurrent} "
           f"at a time; results in {run.uri}", flush=True)
-    account = open_account(request)
+    account = open_account(request, concurrent)
     searcher = make_searcher(request, storage, request.seed, request.trials, account)
-    build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
-    finish_search(run, account)
+    published = decoded.published(run.uri)
+    build_tuner(request, published, concurrent, searcher, account).fit()
+    finish_search(run, request, published, concurrent, account)
 
 
 def describe_size(request: SearchRequest, trials: str) -> str:
@@ -242,16 +281,21 @@ def add_trials(request: SearchRequest) -> None:
         "budget": None if request.budget is None else str(request.budget),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
     meta["trials"] = total
+    if meta.get("confirm"):  # its choice was among fewer trials: `best` ranks them all
+        meta["added"][-1]["confirm_before"] = meta.pop("confirm")
+        print("--add-trials: the confirm stage of the search before chose among its trials "
+              "only; the best trial of all is handed over now", flush=True)
     run.write_json(SEARCH_FILE, meta)
     print(f"search {request.name}: {describe_size(request, 'more trials')}"
           f" after {total - request.trials}, sampler {request.space.sampler} with the "
           f"{earlier} trials of its study as history, {concurrent} at a time; results in "
           f"{run.uri}", flush=True)
-    account = open_account(request)
+    account = open_account(request, concurrent)
     # Seeded past the trials before, so that added trials do not repeat the first draws.
     searcher = make_searcher(request, storage, request.seed + earlier, total, account)
-    build_tuner(request, decoded.published(run.uri), concurrent, searcher, account).fit()
-    finish_search(run, account)
+    published = decoded.published(run.uri)
+    build_tuner(request, published, concurrent, searcher, account).fit()
+    finish_search(run, request, published, concurrent, account)
 
 
 def resume_search(request: SearchRequest) -> None:
@@ -262,11 +306,26 @@ def resume_search(request: SearchRequest) -> None:
     if journal_path(run).exists():  # a search from before has none; Tune's state holds it
         check_journal(run)
     decoded, _ = decode_data(request)
-    start_cluster(request)  # Tune restores how many trials run at once
+    concurrent = start_cluster(request)  # Tune restores how many of its trials run at once
     from ray import tune
 
     if not tune.Tuner.can_restore(run.uri):
         raise UserError(f"--resume: {run.uri} has no Tune state to restore from")
+    check_tune_state(run)
+    if journal_path(run).exists():
+        close_orphans(open_study(open_storage(run), request.space), saved_trial_ids(run))
+    data = decoded.published(run.uri)
+    tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
+                               resume_unfinished=True, resume_errored=True)
+    print(f"resuming {run.uri}", flush=True)
+    tuner.fit()
+    # Tune restores a budget's account with the run's stopper, out of this function's reach:
+    # a resumed part's spending is not added to budgets_spent.
+    finish_search(run, request, data, concurrent, None)
+
+
+def check_tune_state(run: RunDir) -> None:
+    """Refuse Tune state that a kill cut off; mend the trial checkpoints it names."""
     problem = tune_state_problem(run)
     if problem:  # Tune would log it, then run a new search here
         raise UserError(f"--resume: {problem}: the search was killed while Ray Tune saved "
@@ -275,23 +334,65 @@ def resume_search(request: SearchRequest) -> None:
                         "--name")
     for line in mend_trial_checkpoints(run):  # trial folders as trial_dirname names them
         print(line, flush=True)
-    if journal_path(run).exists():
-        close_orphans(open_study(open_storage(run), request.space), saved_trial_ids(run))
-    trainable = build_trainable(request, decoded.published(run.uri))
-    tuner = tune.Tuner.restore(run.uri, trainable=trainable, resume_unfinished=True,
-                               resume_errored=True)
-    print(f"resuming {run.uri}", flush=True)
-    tuner.fit()
-    # Tune restores a budget's account with the run's stopper, out of this function's reach:
-    # a resumed part's spending is not added to budgets_spent.
-    finish_search(run, None)
 
 
-def finish_search(run: RunDir, account: BudgetAccount | None) -> None:
-    """Once a search, extension or resume has ended: search.json, then the summary."""
+def finish_search(run: RunDir, request: SearchRequest, data: DecodedData, concurrent: int,
+                  account: BudgetAccount | None) -> None:
+    """Once a search, extension or resume has ended: its confirm stage (--confirm),
+    search.json, then the summary. A search interrupted with Ctrl-C (Tune saves its state
+    and returns) has trials still running: it is left as it is, for --resume."""
     search = SearchRun.open(run.uri)
+    if request.confirm and not interrupted(search.trials) and search.ranked:
+        spent = 0.0 if account is None else account.spent
+        gpu_hours = confirm_stage(search, request, data, concurrent)
+        if account is not None:
+            account.confirm_ran(spent, gpu_hours)
+        search = SearchRun.open(run.uri)
     record_end(search, account)
     print_summary(search, account)
+
+
+def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
+                  concurrent: int) -> float:
+    """Train the run's best configs again (search/confirm.py), or finish doing so after a
+    kill; search.json's "confirm" gets the plan first, then the outcome. Returns the
+    GPU-hours the confirm runs took."""
+    from ray import tune
+
+    meta = dict(search.info)
+    record = dict(meta["confirm"])
+    if "trial_ids" in record:  # planned before a kill
+        plan = ConfirmPlan.from_record(record)
+    else:
+        plan = ConfirmPlan.make(search, request.confirm, request.confirm_seeds,
+                                request.space.scheduler.max_epochs)
+    meta["confirm"] = record | plan.record()
+    search.rundir.write_json(SEARCH_FILE, meta)
+    confirm = RunDir.open(search.rundir.uri_of(CONFIRM_DIR))
+    print(f"\nconfirm: the best {len(plan.trial_ids)} configs again for {plan.epochs} epochs "
+          f"with seeds {', '.join(map(str, plan.seeds))} (no search trial used them); "
+          f"results in {confirm.uri}", flush=True)
+    if tune.Tuner.can_restore(confirm.uri) and tune_state_problem(confirm) is None:
+        for line in mend_trial_checkpoints(confirm):
+            print(line, flush=True)
+        tuner = tune.Tuner.restore(confirm.uri, trainable=build_trainable(request, data),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        if confirm.exists():  # killed before Tune saved a whole state: start the runs over
+            confirm.fs.delete_dir(confirm.path)
+        tuner = build_confirm_tuner(request, data, concurrent, plan.configs(search), confirm)
+    tuner.fit()
+    rows = confirm.read_table(TRIALS_FILE).to_pylist()
+    if interrupted(rows):  # Ctrl-C: --resume finishes it
+        raise KeyboardInterrupt
+    meta["confirm"] = meta["confirm"] | plan.outcome(search, rows)
+    search.rundir.write_json(SEARCH_FILE, meta)
+    return sum(row["gpu_hours"] or 0.0 for row in rows)
+
+
+def interrupted(rows: list[dict[str, Any]]) -> bool:
+    """Whether any trial of `rows` (trials.parquet) is still to run."""
+    return any(row["status"] not in ("TERMINATED", "ERROR") for row in rows)
 
 
 def stopped_early(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -304,7 +405,7 @@ def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
     `budgets_spent` gets what this part's budget bought. A search interrupted with Ctrl-C
     (Tune saves its state and returns) has trials still running and is left as it is."""
     rows = search.trials
-    if any(row["status"] not in ("TERMINATED", "ERROR") for row in rows):
+    if interrupted(rows):
         return
     meta = dict(search.info)
     last_part = [meta, *meta.get("added", [])][-1]

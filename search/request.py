@@ -12,6 +12,7 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution
 
 from search.budget import Budget, parse_budget
+from search.confirm import DEFAULT_CONFIRM_SEEDS, check_confirm
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import SearchSpace, load_space, parse_space
 from trainable.config import TrainConfig
@@ -42,6 +43,8 @@ class SearchRequest:
     warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
     warm_start_top: int = 4  # how many of its best configs go first
     budget: Budget | None = None  # --budget: no trial starts once it would be exceeded
+    confirm: int = 0  # --confirm K: the best configs trained again after the search
+    confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # --confirm-seeds R: new seeds for each
 
     @property
     def run_uri(self) -> str:
@@ -75,14 +78,14 @@ def check_fixed_flags(space: SearchSpace, fixed: dict[str, Any]) -> None:
 
 def resolve_weights(weights: str) -> str:
     """`weights` as a config holds them: a search's run directory becomes its best trial's
-    checkpoint directory (SearchRun.ranked[0]); other values stay as they are."""
+    checkpoint directory (SearchRun.handed_over); other values stay as they are."""
     if weights in ("imagenet", "none"):
         return weights
     rundir = RunDir.open(weights)
     if not rundir.exists(SEARCH_FILE):
         return weights
     run = SearchRun.open(weights) if rundir.exists(TRIALS_FILE) else None
-    best = run.ranked[0] if run is not None and run.ranked else None
+    best = run.handed_over if run is not None else None
     if best is None or not best["checkpoint_path"]:
         raise UserError(f"weights {weights}: no trial of this search has a checkpoint and "
                         "a score yet, so it has no best trial to start from; wait for one, or "
@@ -135,6 +138,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         return flag if flag is not None else resources.get(key, default)
 
     trials = check_trials(args.trials, args.budget)
+    confirm, confirm_seeds = check_confirm(args.confirm, args.confirm_seeds, trials)
     if args.warm_start_top < 1:
         raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
     gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
@@ -155,7 +159,8 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         cpus_per_trial=float(cpus), max_concurrent=max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=sampler_seed,
         command_line=args.command_line, warm_start=args.warm_start,
-        warm_start_top=args.warm_start_top, budget=budget)
+        warm_start_top=args.warm_start_top, budget=budget, confirm=confirm,
+        confirm_seeds=confirm_seeds)
 
 
 def check_trials(trials: int | None, budget: str | None) -> int | None:
@@ -193,8 +198,8 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
                         "--add-trials")
     ignored = [f"--{key.replace('_', '-')}" for key in (
         "space", "warm_start", "sampler", "scheduler", "max_epochs", "gpus_per_trial",
-        "cpus_per_trial", "seed", "sampler_seed", *fixed) if getattr(args, key, None)
-        is not None]
+        "cpus_per_trial", "seed", "sampler_seed", "confirm", "confirm_seeds", *fixed)
+        if getattr(args, key, None) is not None]
     if ignored:
         raise UserError(f"{flag} goes on with the search's own space, resources and history; "
                         f"leave out {', '.join(ignored)}")
@@ -211,9 +216,12 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     budget = check_budget(args.budget, meta["gpus_per_trial"])  # refused above on --resume
     space = parse_space(meta["space_text"], meta["space_file"]).replace(
         sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
+    confirm = (meta.get("confirm") or {}) if args.resume else {}  # --resume finishes it
     return SearchRequest(
         space=space, trials=meta["trials"] if args.resume else args.add_trials, name=name,
         storage=storage, gpus_per_trial=meta["gpus_per_trial"],
         cpus_per_trial=meta["cpus_per_trial"], max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, seed=meta["seed"],
-        command_line=meta["command"] if args.resume else args.command_line, budget=budget)
+        command_line=meta["command"] if args.resume else args.command_line, budget=budget,
+        confirm=confirm.get("top", 0),
+        confirm_seeds=confirm.get("seeds_per_config", DEFAULT_CONFIRM_SEEDS))

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from spaces import SearchSpace
 
 TRIAL_ID_ATTR = "trial_id"  # a study trial's user attribute: its Tune trial id (trials.parquet)
+# of a study trial that records a Tune trial's ending anew (search/study_search.py): the
+# number of the study trial it replaces
+SUPERSEDES_ATTR = "supersedes"
 
 
 def journal_path(run: RunDir) -> Path:
@@ -144,3 +147,10 @@ def close_orphans(study: optuna.Study, known: set[str]) -> int:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return len(orphans)
 
+
+
+def latest_trials(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """Each Tune trial's study trial, by Tune trial id: the latest where a trial's ending
+    was recorded anew (SUPERSEDES_ATTR)."""
+    return {t.user_attrs[TRIAL_ID_ATTR]: t for t in study.get_trials(deepcopy=False)
+            if TRIAL_ID_ATTR in t.user_attrs}

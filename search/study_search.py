@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from search.budget import BudgetAccount
-from search.study import TRIAL_ID_ATTR
+from search.study import SUPERSEDES_ATTR, TRIAL_ID_ATTR
 from spaces import DefineByRun
 
 EPOCH = "epoch"  # the step of a trial's intermediate values: the epoch its result is for
@@ -30,8 +30,12 @@ class StudySearch(Searcher):
     Tune passes a result on which the scheduler stops the trial (ASHA at a rung or at
     max_epochs) to on_trial_complete alone, so that is recorded too. The journal, not this
     searcher's saved state, says what the study holds: an epoch it holds already (run again
-    from a checkpoint after a restore) and a trial it has finished (told before a kill, run
-    again because Tune's saved state is older) are left as they are.
+    from a checkpoint after a restore) is left as it is. A trial it has finished but Tune's
+    older saved state runs again after a kill (stopped by ASHA at a rung, or failed, then
+    restored as running) can end otherwise this time, say COMPLETE after all its epochs:
+    Optuna changes no finished trial, so that ending is added as a new study trial with the
+    same params and Tune trial id (SUPERSEDES_ATTR: the number of the one it replaces), and
+    readers take a Tune trial's latest (search.study.latest_trials).
 
     Tune saves the searcher with pickle: the study's storage reopens the run's journal and
     its sampler keeps its random state. Each Tune trial's optuna.Trial is kept with it, as
@@ -52,6 +56,8 @@ class StudySearch(Searcher):
             study_name=study_name, load_if_exists=True,
             direction="maximize" if mode == "max" else "minimize")
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its study trial
+        # Tune trial id -> epoch -> value, reported after the journal had finished its trial
+        self.late_epochs: dict[str, dict[int, float]] = {}
         self.account = account
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
@@ -66,7 +72,7 @@ class StudySearch(Searcher):
         return self.space(trial)
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        self.record_epoch(self.trials[trial_id], result)
+        self.record_epoch(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
@@ -74,11 +80,29 @@ class StudySearch(Searcher):
             self.account.trial_finished(trial_id)
         trial, result = self.trials[trial_id], result or {}
         if result:
-            self.record_epoch(trial, result)
+            self.record_epoch(trial_id, result)
         state = self.outcome(result, error)
-        # told PRUNED, the study takes its last intermediate value as the trial's
-        self.study.tell(trial, result[self.metric] if state == TrialState.COMPLETE else None,
-                        state=state, skip_if_finished=True)
+        value = result[self.metric] if state == TrialState.COMPLETE else None
+        stored = self.stored(trial)
+        if not stored.state.is_finished():
+            # told PRUNED, the study takes its last intermediate value as the trial's
+            self.study.tell(trial, value, state=state)
+            return
+        late = self.late_epochs.pop(trial_id, {})
+        if state != stored.state or max(late, default=0) > max(stored.intermediate_values,
+                                                                 default=0):
+            self.supersede(stored, state, value, late)
+
+    def supersede(self, stored: optuna.trial.FrozenTrial, state: TrialState,
+                  value: float | None, late: dict[int, float]) -> None:
+        """Add the trial's new ending to the study as a trial of its own (see the class)."""
+        values = {**stored.intermediate_values, **late}
+        if state == TrialState.PRUNED and values and math.isfinite(values[max(values)]):
+            value = values[max(values)]  # as tell does
+        self.study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params=stored.params,
+            distributions=stored.distributions, intermediate_values=values,
+            user_attrs={**stored.user_attrs, SUPERSEDES_ATTR: stored.number}))
 
     def outcome(self, result: dict[str, Any], error: bool) -> TrialState:
         """What a trial that ended on `result` (empty: before its first) is told as."""
@@ -91,12 +115,15 @@ class StudySearch(Searcher):
             return TrialState.PRUNED
         return TrialState.COMPLETE
 
-    def record_epoch(self, trial: optuna.Trial, result: dict[str, Any]) -> None:
+    def record_epoch(self, trial_id: str, result: dict[str, Any]) -> None:
         value, epoch = result.get(self.metric), result.get(EPOCH)
         if value is None or epoch is None:
             return
+        trial = self.trials[trial_id]
         stored = self.stored(trial)
-        if not stored.state.is_finished() and epoch not in stored.intermediate_values:
+        if stored.state.is_finished():
+            self.late_epochs.setdefault(trial_id, {})[epoch] = value
+        elif epoch not in stored.intermediate_values:
             trial.report(value, epoch)
 
     def stored(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial:

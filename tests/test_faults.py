@@ -148,6 +148,60 @@ def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> Non
     assert (row["status"], row["error"]) == ("ERROR", "training loss became nan")
 
 
+class FakeTuneSession:
+    """What train_trial uses of `ray.tune` inside a trial: the checkpoint it starts from and
+    the reports, each report's checkpoint copied out of its temporary directory."""
+
+    def __init__(self, tmp_path: Path, checkpoint: Path | None):
+        from ray import tune
+
+        self.Checkpoint, self.tmp_path = tune.Checkpoint, tmp_path
+        self.checkpoint = None if checkpoint is None else tune.Checkpoint.from_directory(
+            str(checkpoint))
+        self.reports: list[tuple[dict[str, Any], Path | None]] = []
+
+    def get_checkpoint(self) -> Any:
+        return self.checkpoint
+
+    def report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
+        saved = None
+        if checkpoint is not None:
+            saved = self.tmp_path / f"checkpoint_{len(self.reports):06d}"
+            shutil.copytree(checkpoint.path, saved)
+        self.reports.append((metrics, saved))
+
+
+def test_a_trial_resumed_from_a_checkpoint_of_its_whole_run_reports_its_last_epoch_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The moment the kill-resume test once failed at: the driver was killed after Tune had
+    registered a trial's last checkpoint (deleting the one before) and before its state
+    reached the run directory; --resume mends the checkpoint Tune's state names with the
+    last one (search/tune_state.py), so the trial has nothing left to train, and Tune's
+    last result for it is the epoch before. The trial reports its last epoch again, or Tune
+    would end it on that older result and the searcher tell it PRUNED."""
+    from tests.conftest import tiny_dataset
+    from trainable import tune_adapter
+    from trainable.config import TrainConfig
+
+    runtime = SimpleNamespace(get_node_id=lambda: "node",
+                              get_assigned_resources=lambda: {"CPU": 1.0})
+    monkeypatch.setattr(tune_adapter, "ray", SimpleNamespace(
+        get_runtime_context=lambda: runtime, get_gpu_ids=lambda: []))
+    data = SimpleNamespace(open=lambda: tiny_dataset(resolution=8))
+    config = TrainConfig(epochs=2, resolution=8, weights="none", batch_size=8).to_dict()
+
+    first = FakeTuneSession(tmp_path / "first", None)
+    monkeypatch.setattr(tune_adapter, "tune", first)
+    tune_adapter.train_trial(config, data)  # type: ignore[arg-type]
+    assert [metrics["epoch"] for metrics, _ in first.reports] == [1, 2]
+    last, checkpoint = first.reports[-1]
+
+    resumed = FakeTuneSession(tmp_path / "resumed", checkpoint)
+    monkeypatch.setattr(tune_adapter, "tune", resumed)
+    tune_adapter.train_trial(config, data)  # type: ignore[arg-type]
+    assert resumed.reports == [(last, None)]  # the same epoch, its running best, no checkpoint
+
+
 def test_resume_refuses_tune_state_cut_off_by_a_kill(tmp_path: Path) -> None:
     """Tune copies its state into the run directory in place; a kill mid-copy cuts a file."""
     run = RunDir.open(tmp_path)
@@ -311,7 +365,7 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
     from search.cli import main
     from search.rundir import STUDY_NAME
     from search.samplers import startup_trials
-    from search.study import TRIAL_ID_ATTR, open_storage
+    from search.study import SUPERSEDES_ATTR, latest_trials, open_storage
 
     n_trials, epochs, concurrent = 16, 3, 2
     space = tpe_fifo_space(tmp_path, epochs)
@@ -362,10 +416,13 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
 
     # The sampler kept its history: every trial is in the run's Optuna study with its value
     # (and what the driver sampled after Tune last saved its state, before a kill, failed) ...
+    # (a trial's latest study trial: one that Tune ran again after the kill was recorded anew)
     study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(RunDir.open(run)))
-    sampled = [t for t in study.trials if t.state.name != "FAIL"]
-    by_trial = {t.user_attrs[TRIAL_ID_ATTR]: t for t in sampled}
-    assert len(sampled) == n_trials and set(by_trial) == set(trials.trial_id)
+    sampled = [t for t in study.trials
+               if t.state.name != "FAIL" and SUPERSEDES_ATTR not in t.user_attrs]
+    by_trial = {trial_id: t for trial_id, t in latest_trials(study).items()
+                if t.state.name != "FAIL"}
+    assert set(by_trial) == set(trials.trial_id)
     for row in trials.itertuples():
         told = by_trial[row.trial_id]
         assert told.state.name == ("PRUNED" if row.stopped_early else "COMPLETE")

@@ -335,7 +335,8 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
                                  storage=str(tmp_path), name="x", address=None, seed=0,
                                  sampler_seed=None,
                                  command_line="resnet-hpo search", warm_start=None,
-                                 warm_start_top=4, budget=None))
+                                 warm_start_top=4, budget=None, confirm=None,
+                                 confirm_seeds=None))
     with pytest.raises(UserError, match=r"0 GPUs in all.*use --gpus-per-trial 0"):
         check_resources(request_from_args(args, {}))
 

@@ -25,9 +25,11 @@ from search.cli import main
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
 from search.samplers import make_sampler, startup_trials
 from search.study import (
+    SUPERSEDES_ATTR,
     TRIAL_ID_ATTR,
     check_journal,
     journal_path,
+    latest_trials,
     open_storage,
     open_study,
     pull_journal,
@@ -185,8 +187,8 @@ def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended
     """A trial runs in the study from its suggest on (which TPE's constant liar counts); one
     that ran its epoch budget is told COMPLETE, one stopped before it PRUNED with its last
     value, an error FAIL, a trial removed before its first result PRUNED, one that diverged
-    in its first epoch (its running best NaN) FAIL; a trial told before a kill is left as it
-    is when Tune's older saved state runs it again."""
+    in its first epoch (its running best NaN) FAIL; a trial told before a kill that Tune's
+    older saved state runs again is recorded anew as it ended this time."""
     space, run = load_space("quick"), RunDir.open(tmp_path / "run")
     (tmp_path / "run").mkdir()
     storage = open_storage(run)
@@ -214,12 +216,70 @@ def test_the_searcher_asks_enqueued_configs_first_and_tells_how_each_trial_ended
     restored.on_trial_result("enqueued", epoch_result(2, 0.6))
     restored.on_trial_complete("enqueued", epoch_result(2, 0.6))
 
-    trials = {t.user_attrs[TRIAL_ID_ATTR]: t for t in load_run_study(run).trials}
+    trials = latest_trials(load_run_study(run))
     assert {trial_id: t.state.name for trial_id, t in trials.items()} == {
         "enqueued": "PRUNED", "errored": "FAIL", "removed": "PRUNED", "diverged": "FAIL",
         "finished": "COMPLETE"}
-    assert trials["enqueued"].value == 0.5 and trials["enqueued"].intermediate_values == {1: 0.5}
+    assert trials["enqueued"].value == 0.6
+    assert trials["enqueued"].intermediate_values == {1: 0.4, 2: 0.6}
+    first = load_run_study(run).trials[trials["enqueued"].user_attrs[SUPERSEDES_ATTR]]
+    assert trials["enqueued"].params == first.params and first.params["lr"] == 0.05
     assert trials["finished"].value == 0.7
+
+
+def test_a_trial_told_before_a_kill_and_run_to_its_last_epoch_after_resume_ends_complete(
+        tmp_path: Path) -> None:
+    """The calls Tune makes when its saved state is older than the journal: "stopped" was
+    stopped by ASHA at its first rung and "errored" failed (Tune keeps an errored trial for
+    --resume) after Tune last saved the searcher, then the driver was killed; restored, Tune
+    runs both to their last epoch. "mended" ran its last epoch before the kill, and Tune's
+    saved result is its epoch before (its checkpoint was mended on --resume): it reports its
+    last epoch again (trainable/tune_adapter.py). Each ends COMPLETE with its value, the
+    new ending a study trial of its own with the same params, and no study trial is left
+    RUNNING."""
+    space, run = load_space("quick"), RunDir.open(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    storage = open_storage(run)
+    open_study(storage, space)
+    last = space.scheduler.max_epochs
+
+    def searcher() -> StudySearch:
+        return StudySearch(space=DefineByRun(space), metric="best_val_acc", mode="max",
+                           storage=storage, study_name=STUDY_NAME,
+                           sampler=optuna.samplers.RandomSampler(seed=0))
+
+    search = searcher()
+    for trial_id in ("stopped", "errored", "mended"):
+        search.suggest(trial_id)
+        search.on_trial_result(trial_id, epoch_result(1, 0.1))
+    for epoch in range(2, last):
+        search.on_trial_result("mended", epoch_result(epoch, 0.1 * epoch))
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.on_trial_complete("stopped", epoch_result(1, 0.1))  # ASHA's rung
+    search.on_trial_complete("errored", error=True)
+    search.on_trial_result("mended", epoch_result(last, 0.1 * last))
+    # SIGKILL; --resume
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    for trial_id in ("stopped", "errored"):
+        for epoch in range(2, last + 1):
+            restored.on_trial_result(trial_id, epoch_result(epoch, 0.1 * epoch))
+        restored.on_trial_complete(trial_id, epoch_result(last, 0.1 * last))
+    restored.on_trial_result("mended", epoch_result(last, 0.1 * last))
+    restored.on_trial_complete("mended", epoch_result(last, 0.1 * last))
+
+    study = load_run_study(run)
+    trials = latest_trials(study)
+    assert {trial_id: t.state.name for trial_id, t in trials.items()} == {
+        "stopped": "COMPLETE", "errored": "COMPLETE", "mended": "COMPLETE"}
+    assert [t.value for t in trials.values()] == pytest.approx([0.1 * last] * 3)
+    every_epoch = {epoch: pytest.approx(0.1 * epoch) for epoch in range(1, last + 1)}
+    assert [t.intermediate_values for t in trials.values()] == [every_epoch] * 3
+    before = {t.number: t for t in study.trials if SUPERSEDES_ATTR not in t.user_attrs}
+    assert {before[t.user_attrs[SUPERSEDES_ATTR]].state.name: t.params
+            for t in trials.values() if SUPERSEDES_ATTR in t.user_attrs} == {
+        "PRUNED": before[0].params, "FAIL": before[1].params}
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
 
 
 @pytest.mark.parametrize("distribution", [

@@ -64,8 +64,15 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
         with checkpoint.as_directory() as directory:
             path = Path(directory) / TRIAL_EPOCHS_FILE
             rows.extend(parse_trial_epochs(path.read_text(), str(path)))
+            restored = len(rows)
             fit(cfg, report, data=dataset, device=device, gpu_share=gpu_share,
                 resume_from=Path(directory))
+        if rows and len(rows) == restored:
+            # The checkpoint held the whole run, and Tune's last result can be older (a
+            # checkpoint mended on --resume, search/tune_state.py): without a new report,
+            # Tune would end the trial on that result, and the scheduler and the searcher
+            # would take it for a trial stopped early.
+            tune.report({**rows[-1], objective: running_best()})
     except TrainingDiverged as e:
         # Report instead of raising: Tune would retry a raised error (FailureConfig), and
         # the same config diverges again. The results writer marks the trial failed.
