@@ -129,6 +129,18 @@ def test_mixing_runs_the_frozen_stages_every_epoch(tiny: Dataset,
     assert sum(stem_images) == 1 + len(tiny.train) + len(tiny.val)
 
 
+@pytest.mark.parametrize("changes", [{"augment": "trivial"}, {"random_erasing": 0.25}])
+def test_a_policy_or_erasing_runs_the_frozen_stages_every_epoch_and_says_so_once(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any]) -> None:
+    stem_images = count_stem_images(monkeypatch)
+    cfg = tiny_config(unfreeze_depth=0, epochs=2, **PLAIN, **changes)
+    with pytest.warns(UserWarning, match=r"frozen stages \(unfreeze_depth 0\) run every "
+                                         "epoch") as warned:
+        fit(cfg, data=tiny)
+    assert len([w for w in warned if "frozen stages" in str(w.message)]) == 1
+    assert sum(stem_images) == cfg.epochs * (len(tiny.train) + len(tiny.val))
+
+
 def digits_config(**changes: Any) -> TrainConfig:
     base: dict[str, Any] = {"data": "digits", "resolution": 8, "weights": "none", "epochs": 1,
                             "batch_size": 128, "warmup_epochs": 0.0, "unfreeze_depth": 0}

@@ -221,6 +221,23 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path,
     assert (tmp_path / "interrupted" / "config.yaml").is_file()
 
 
+@pytest.mark.parametrize("policy", ["trivial", "randaugment", "autoaugment"])
+def test_a_policy_augments_uint8_batches_at_the_models_resolution(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    augment = train_module.auto_augment
+
+    def recording(images: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append((images.dtype, tuple(images.shape[1:])))
+        return augment(images, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "auto_augment", recording)
+    cfg = tiny_config(resolution=8, augment=policy, random_erasing=0.5)
+    fit(cfg, data=tiny)  # decoded at 16px, trained at 8px
+    assert len(seen) == len(tiny.train) // cfg.batch_size  # each batch, once
+    assert set(seen) == {(torch.uint8, (3, 8, 8))}
+
+
 def test_early_stop_patience_stops_a_run_that_stopped_improving(
         tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(train_module, "evaluate", lambda *args: (1.0, 0.5))

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
 
-from trainable.augment import crop_and_flip, mix, resolve_crop, resolve_flip, soft_targets
+from trainable.augment import (
+    crop_and_flip,
+    mix,
+    resize_uint8,
+    resolve_crop,
+    resolve_flip,
+    soft_targets,
+)
+from trainable.autoaugment import auto_augment, random_erasing
 from trainable.config import TrainConfig
 from trainable.data import Dataset, load_dataset
 from trainable.device_images import DeviceImages, resident_budget
@@ -31,6 +39,7 @@ from trainable.saved import read_checkpoint, write_checkpoint
 from trainable.schedule import lr_factor
 
 NAN_CHECK_EVERY = 50  # steps between the only host syncs of an epoch
+POLICY_STREAM = 1 << 62  # added to an epoch's seed: the policies' host draws, a stream apart
 
 SaveCheckpoint = Callable[[Path], None]
 Report = Callable[[dict[str, float], SaveCheckpoint], None]
@@ -136,6 +145,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
     augment = augments(cfg, data.source)
     device_gen = torch.Generator(rt.device).manual_seed(seed)
+    policy_gen = torch.Generator().manual_seed(seed + POLICY_STREAM)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
     loss_sum = torch.zeros((), device=rt.device)
     lr = cfg.lr
@@ -144,11 +154,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         step, micro = divmod(i, cfg.accumulate_steps)
         if micro == 0:
             lr = set_lr(optimizer, cfg, epoch * steps + step, steps)
+        if cfg.augment != "none":  # on uint8 at the model's resolution, as torchvision's
+            rows = auto_augment(resize_uint8(rows, rt.resolution), cfg.augment, policy_gen,
+                                randaugment_n=cfg.randaugment_n,
+                                randaugment_m=cfg.randaugment_m)
         x = model_input(rows, rt)
         targets = soft_targets(labels, data.num_classes, cfg.label_smoothing)
         if augment:  # never for frozen stages' outputs
-            x, targets = mix(crop_and_flip(x, crop, hflip, device_gen), targets,
-                             cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
+            x = crop_and_flip(x, crop, hflip, device_gen)
+            if cfg.random_erasing > 0:  # after normalisation, where torchvision erases
+                x = random_erasing(x, cfg.random_erasing, policy_gen)
+            x, targets = mix(x, targets, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
+                             mix_rng)
         with rt.autocast():
             loss = F.cross_entropy(model(x), targets)
         accumulate = min(cfg.accumulate_steps, micro_batches - step * cfg.accumulate_steps)
@@ -170,9 +187,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of an epoch's batch order and crops. They (and the mixing) derive from
-    (seed, epoch) alone, so a run resumed from a checkpoint continues exactly as it would
-    have."""
+    """The seed of an epoch's batch order, crops and policy draws. They (and the mixing)
+    derive from (seed, epoch) alone, so a run resumed from a checkpoint continues exactly as
+    it would have."""
     return seed * 100_003 + epoch
 
 
