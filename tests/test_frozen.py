@@ -92,9 +92,10 @@ def test_a_cached_linear_probe_matches_the_uncached_one(
     assert_same_results(cached, uncached, 1e-5)
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.7])
 def test_a_cached_depth_1_trial_matches_the_uncached_one(
-        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(unfreeze_depth=1, **PLAIN)
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, ema_decay: float) -> None:
+    cfg = tiny_config(unfreeze_depth=1, ema_decay=ema_decay, **PLAIN)
     assert_same_results(fit(cfg, data=tiny).history, uncached_history(cfg, tiny, monkeypatch),
                         1e-4)
 
