@@ -97,12 +97,14 @@ def test_each_geometric_op_equals_torchvision_on_every_image(name: str,
                     torch.tensor(magnitudes, dtype=torch.float64))
     for i, m in enumerate(magnitudes):
         expected = torchvision_op(batch[i], name, m)
-        # torchvision's matrix formula and grid, but the matrix evaluated by torch's float64
-        # ops for a batch where torchvision uses Python's math per image: they may differ in
-        # the last bit, and where a sampling point sits on the midpoint between two pixels,
-        # nearest may then pick the other one (3 of 960 pixels of one image, the worst seen)
+        # torchvision's matrix and grid formulas, but the matrices evaluated by torch's
+        # float64 ops for the batch (torchvision: Python's math per image) and the grid as one
+        # matrix product for the batch (torchvision: one per image): both may differ in the
+        # last bit, and where a sampling point sits on the midpoint between two pixels,
+        # nearest may then pick the other one (at most 0.6% of an image's pixels at these
+        # sizes, 1.2% at 224px, all in shears)
         differs = (out[i] != expected).any(0).float().mean().item()
-        assert differs <= 0.01, (name, m, differs)
+        assert differs <= 0.02, (name, m, differs)
 
 
 def test_the_policies_use_torchvisions_ops_and_magnitude_bins() -> None:

@@ -101,18 +101,22 @@ IMAGENET_POLICY: tuple[tuple[tuple[str, float, int | None], ...], ...] = (
     (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
     (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
 )
+SPACES = {"trivial": (TRIVIAL_SPACE, NUM_BINS), "randaugment": (RANDAUGMENT_SPACE, NUM_BINS),
+          "autoaugment": (AUTOAUGMENT_SPACE, AUTOAUGMENT_BINS)}
 
 
 # --- what each image draws ------------------------------------------------------------------
 
-def _bin_table(space: Space, bins: int, height: int, width: int) -> torch.Tensor:
-    """len(space) x bins: each op's magnitude per bin (0 for ops without one), float64."""
-    return torch.stack([fn(bins, height, width) if fn else torch.zeros(bins, dtype=torch.float64)
-                        for fn, _ in space.values()])
-
-
-def _op_ids(space: Space) -> torch.Tensor:
-    return torch.tensor([OPS.index(name) for name in space])
+@functools.cache
+def _tables(policy: str, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """(each op's index in OPS, whether it is signed, its magnitude per bin: len(space) x
+    bins, 0 for ops without one) of a policy's space at an image size."""
+    space, bins = SPACES[policy]
+    table = torch.stack([fn(bins, height, width) if fn else torch.zeros(bins, dtype=torch.float64)
+                         for fn, _ in space.values()])
+    return (torch.tensor([OPS.index(name) for name in space]),
+            torch.tensor([signed for _, signed in space.values()]), table)
 
 
 def _signed(magnitude: torch.Tensor, signed: torch.Tensor, generator: torch.Generator
@@ -127,43 +131,34 @@ def draw_ops(policy: str, n: int, height: int, width: int, generator: torch.Gene
              ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The ops of `n` images, in the order they apply: a list of (op index into OPS, magnitude),
     each of length n, on the host. Each image draws as torchvision's policy draws for it."""
+    if policy not in SPACES:
+        raise ValueError(f"unknown augmentation policy {policy!r}")
+    op_ids, signed, table = _tables(policy, height, width)
     if policy == "trivial":
-        space = TRIVIAL_SPACE
-        choice = torch.randint(len(space), (n,), generator=generator)
+        choice = torch.randint(len(op_ids), (n,), generator=generator)
         level = torch.randint(NUM_BINS, (n,), generator=generator)
-        table, signed = _bin_table(space, NUM_BINS, height, width), _signed_ops(space)
         magnitude = _signed(table[choice, level], signed[choice], generator)
-        return [(_op_ids(space)[choice], magnitude)]
+        return [(op_ids[choice], magnitude)]
     if policy == "randaugment":
-        space = RANDAUGMENT_SPACE
-        table, signed = _bin_table(space, NUM_BINS, height, width), _signed_ops(space)
         steps = []
         for _ in range(randaugment_n):
-            choice = torch.randint(len(space), (n,), generator=generator)
+            choice = torch.randint(len(op_ids), (n,), generator=generator)
             magnitude = _signed(table[choice, randaugment_m], signed[choice], generator)
-            steps.append((_op_ids(space)[choice], magnitude))
+            steps.append((op_ids[choice], magnitude))
         return steps
-    if policy == "autoaugment":
-        space = AUTOAUGMENT_SPACE
-        table, signed = _bin_table(space, AUTOAUGMENT_BINS, height, width), _signed_ops(space)
-        names = list(space)
-        sub_policy = torch.randint(len(IMAGENET_POLICY), (n,), generator=generator)
-        steps = []
-        for step in range(2):
-            entries = [p[step] for p in IMAGENET_POLICY]
-            choice = torch.tensor([names.index(name) for name, _, _ in entries])[sub_policy]
-            level = torch.tensor([b or 0 for _, _, b in entries])[sub_policy]
-            chance = torch.tensor([p for _, p, _ in entries], dtype=torch.float64)[sub_policy]
-            applies = torch.rand(n, generator=generator, dtype=torch.float64) <= chance
-            magnitude = _signed(table[choice, level], signed[choice], generator)
-            op = torch.where(applies, _op_ids(space)[choice], OPS.index("Identity"))
-            steps.append((op, magnitude))
-        return steps
-    raise ValueError(f"unknown augmentation policy {policy!r}")
-
-
-def _signed_ops(space: Space) -> torch.Tensor:
-    return torch.tensor([signed for _, signed in space.values()])
+    names = list(AUTOAUGMENT_SPACE)  # autoaugment: each image draws one of 25 sub-policies
+    sub_policy = torch.randint(len(IMAGENET_POLICY), (n,), generator=generator)
+    steps = []
+    for step in range(2):
+        entries = [p[step] for p in IMAGENET_POLICY]
+        choice = torch.tensor([names.index(name) for name, _, _ in entries])[sub_policy]
+        level = torch.tensor([b or 0 for _, _, b in entries])[sub_policy]
+        chance = torch.tensor([p for _, p, _ in entries], dtype=torch.float64)[sub_policy]
+        applies = torch.rand(n, generator=generator, dtype=torch.float64) <= chance
+        magnitude = _signed(table[choice, level], signed[choice], generator)
+        op = torch.where(applies, op_ids[choice], OPS.index("Identity"))
+        steps.append((op, magnitude))
+    return steps
 
 
 def auto_augment(images: torch.Tensor, policy: str, generator: torch.Generator, *,
@@ -190,15 +185,15 @@ def apply_ops(images: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -
         rows = geometric.nonzero().squeeze(1)
         matrices = _inverse_affine(op[rows], magnitude[rows], *images.shape[-2:])
         index = rows.to(device, non_blocking=True)
-        out[index] = _warp(images[index], matrices.to(device, non_blocking=True))
+        out.index_copy_(0, index, _warp(images[index], matrices.to(device, non_blocking=True)))
     for k in present:
         name = OPS[k]
         if name == "Identity" or name in GEOMETRIC:
             continue
         rows = (op == k).nonzero().squeeze(1)
         index = rows.to(device, non_blocking=True)
-        out[index] = COLOUR_OPS[name](images[index], magnitude[rows].to(device,
-                                                                         non_blocking=True))
+        changed = COLOUR_OPS[name](images[index], magnitude[rows].to(device, non_blocking=True))
+        out.index_copy_(0, index, changed)
     return out
 
 
@@ -315,9 +310,11 @@ def _warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
                                       device=images.device).unsqueeze_(-1))
     base[..., 2].fill_(1)
     scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
-    grid = base.view(1, height * width, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
-    warped = F.grid_sample(images.float(), grid.view(n, height, width, 2), mode="nearest",
-                           padding_mode="zeros", align_corners=False)
+    rescaled = (theta.transpose(1, 2) / scale).permute(1, 0, 2).reshape(3, n * 2)
+    # one product for the whole batch: (H*W x 3) @ (3 x 2N), each image's two columns
+    grid = (base.view(height * width, 3) @ rescaled).view(height, width, n, 2).permute(2, 0, 1, 3)
+    warped = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
+                           align_corners=False)
     return warped.round_().to(torch.uint8)
 
 
