@@ -176,25 +176,30 @@ def auto_augment(images: torch.Tensor, policy: str, generator: torch.Generator, 
 
 def apply_ops(images: torch.Tensor, op: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """Image i of the uint8 batch with OPS[op[i]] of magnitude[i] applied (op and magnitude
-    on the host): each op runs once, on the images that drew it."""
-    out = images.clone()
+    on the host): the images are grouped by op, each op runs once on its group, the
+    geometric ones (next to each other in OPS) on theirs through one grid."""
     device = images.device
-    present = op.unique().tolist()  # a host tensor: no device sync
+    order = torch.argsort(op, stable=True)  # on the host: no device sync
+    op, magnitude = op[order], magnitude[order]
+    grouped = images.index_select(0, order.to(device, non_blocking=True))
     geometric = torch.isin(op, torch.tensor([OPS.index(name) for name in GEOMETRIC]))
-    if geometric.any():
-        rows = geometric.nonzero().squeeze(1)
-        matrices = _inverse_affine(op[rows], magnitude[rows], *images.shape[-2:])
-        index = rows.to(device, non_blocking=True)
-        out.index_copy_(0, index, _warp(images[index], matrices.to(device, non_blocking=True)))
-    for k in present:
-        name = OPS[k]
-        if name == "Identity" or name in GEOMETRIC:
-            continue
-        rows = (op == k).nonzero().squeeze(1)
-        index = rows.to(device, non_blocking=True)
-        changed = COLOUR_OPS[name](images[index], magnitude[rows].to(device, non_blocking=True))
-        out.index_copy_(0, index, changed)
-    return out
+    parts, start = [], 0
+    for k, count in zip(*(t.tolist() for t in torch.unique_consecutive(op, return_counts=True)),
+                        strict=True):
+        name, end = OPS[k], start + count
+        if name in GEOMETRIC:
+            if start == int(geometric.nonzero()[0]):  # the first of the geometric groups
+                end = start + int(geometric.sum())
+                matrices = _inverse_affine(op[start:end], magnitude[start:end],
+                                           *images.shape[-2:])
+                parts.append(_warp(grouped[start:end], matrices.to(device, non_blocking=True)))
+        elif name == "Identity":
+            parts.append(grouped[start:end])
+        else:
+            parts.append(COLOUR_OPS[name](grouped[start:end],
+                                          magnitude[start:end].to(device, non_blocking=True)))
+        start = start + count
+    return torch.cat(parts).index_select(0, torch.argsort(order).to(device, non_blocking=True))
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
@@ -312,7 +317,8 @@ def _warp(images: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
     scale = torch.tensor([0.5 * width, 0.5 * height], device=images.device)
     rescaled = (theta.transpose(1, 2) / scale).permute(1, 0, 2).reshape(3, n * 2)
     # one product for the whole batch: (H*W x 3) @ (3 x 2N), each image's two columns
-    grid = (base.view(height * width, 3) @ rescaled).view(height, width, n, 2).permute(2, 0, 1, 3)
+    grid = (base.view(height * width, 3) @ rescaled).view(height, width, n, 2)
+    grid = grid.permute(2, 0, 1, 3).contiguous()  # grid_sample reads a strided grid slowly
     warped = F.grid_sample(images.float(), grid, mode="nearest", padding_mode="zeros",
                            align_corners=False)
     return warped.round_().to(torch.uint8)
