@@ -144,3 +144,14 @@ def test_warm_start_benchmark_prints_the_ratio(tmp_path: Path, ray_session: None
     warm = json.loads((storage / "warm-seed0" / SEARCH_FILE).read_text())["warm_start"]
     assert warm["run"] == str(storage / "source-seed0") and warm["enqueued"] == [best.iloc[0]]
     assert "warm_start" not in json.loads((storage / "cold-seed0" / SEARCH_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_augment_prints_each_policy_and_size_then_a_ratio() -> None:
+    lines = run_script("augment.py", "--sizes", "16,24", "--batch-size", "8", "--batches", "1",
+                       "--repeats", "1")
+    rows = [line.split() for line in lines if re.match(r"\s*\d+px ", line)]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("16px", "trivial"), ("16px", "randaugment"), ("24px", "trivial"),
+        ("24px", "randaugment")]
+    assert re.fullmatch(r"ratio: \d+\.\d\d", lines[-1])
