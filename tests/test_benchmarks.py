@@ -144,3 +144,24 @@ def test_warm_start_benchmark_prints_the_ratio(tmp_path: Path, ray_session: None
     warm = json.loads((storage / "warm-seed0" / SEARCH_FILE).read_text())["warm_start"]
     assert warm["run"] == str(storage / "source-seed0") and warm["enqueued"] == [best.iloc[0]]
     assert "warm_start" not in json.loads((storage / "cold-seed0" / SEARCH_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_augment_prints_each_policy_and_size_then_a_ratio() -> None:
+    lines = run_script("augment.py", "--sizes", "16,24", "--batch-size", "8", "--batches", "1",
+                       "--repeats", "1")
+    rows = [line.split() for line in lines if re.match(r"\s*\d+px ", line)]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("16px", "trivial"), ("16px", "randaugment"), ("24px", "trivial"),
+        ("24px", "randaugment")]
+    assert re.fullmatch(r"ratio: \d+\.\d\d", lines[-1])
+
+
+@pytest.mark.slow
+def test_augment_value_prints_each_pieces_mean_and_paired_difference() -> None:
+    lines = run_script("augment_value.py", "--seeds", "2", "--epochs", "1", "--per-class", "2")
+    table = lines[lines.index(next(line for line in lines if line.startswith("piece"))) + 1:]
+    assert [line[:20].strip() for line in table] == ["none", "trivial", "randaugment",
+                                                     "random erasing 0.25", "ema 0.95"]
+    assert all(re.fullmatch(r".{20} +\d\.\d{4} +\d\.\d{4} +[+-]\d\.\d{4} +\d\.\d{4}", line)
+               for line in table[1:])

@@ -70,6 +70,10 @@ def existing_model(tmp_path: Path) -> list[str]:
     (lambda tmp: ["--lr", "-0.1"], "flags: config key 'lr': must be in (0, 10], got -0.1"),
     (bad_config, "bad.yaml: unknown key 'learning_rate'"),
     (lambda tmp: ["--amp", "fp16"], "config key 'amp': fp16 needs CUDA"),
+    (lambda tmp: ["--augment", "augmix"], "flags: config key 'augment': must be one of none, "
+                                          "trivial, randaugment, autoaugment, got 'augmix'"),
+    (lambda tmp: ["--ema-decay", "1.5"], "flags: config key 'ema_decay': must be in [0, 1), "
+                                          "got 1.5"),
     (lambda tmp: ["--data", f"imagefolder:{tmp / 'absent'}"], "absent: no such folder"),
     (lambda tmp: ["--config", str(tmp)], "cannot read"),
     (lambda tmp: ["--config", str(tmp / "absent.yaml")], "absent.yaml: cannot read"),

@@ -28,6 +28,14 @@ def test_from_dict_casts_yaml_and_cli_scalars() -> None:
     ({"nesterov": "maybe"}, "config key 'nesterov': must be true or false, got 'maybe'"),
     ({"learning_rate": 0.1}, "unknown key 'learning_rate'"),
     ({"lr": 0.01, "min_lr": 0.1}, "config key 'min_lr': must be <= lr (0.01), got 0.1"),
+    ({"augment": "augmix"}, "config key 'augment': must be one of none, trivial, randaugment, "
+                            "autoaugment, got 'augmix'"),
+    ({"randaugment_m": 31}, "config key 'randaugment_m': must be in [0, 30], got 31"),
+    ({"randaugment_n": 0}, "config key 'randaugment_n': must be in [1, 16], got 0"),
+    ({"random_erasing": 1.5}, "config key 'random_erasing': must be in [0, 1], got 1.5"),
+    ({"ema_decay": 1.0}, "config key 'ema_decay': must be in [0, 1), got 1.0"),
+    ({"ema_decay": -0.1}, "config key 'ema_decay': must be in [0, 1), got -0.1"),
+    ({"ema_steps": 0}, "config key 'ema_steps': must be in [1, 100000], got 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(values: dict, message: str) -> None:
     with pytest.raises(UserError) as err:

@@ -92,9 +92,10 @@ def test_a_cached_linear_probe_matches_the_uncached_one(
     assert_same_results(cached, uncached, 1e-5)
 
 
+@pytest.mark.parametrize("ema_decay", [0.0, 0.7])
 def test_a_cached_depth_1_trial_matches_the_uncached_one(
-        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = tiny_config(unfreeze_depth=1, **PLAIN)
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, ema_decay: float) -> None:
+    cfg = tiny_config(unfreeze_depth=1, ema_decay=ema_decay, **PLAIN)
     assert_same_results(fit(cfg, data=tiny).history, uncached_history(cfg, tiny, monkeypatch),
                         1e-4)
 
@@ -127,6 +128,18 @@ def test_mixing_runs_the_frozen_stages_every_epoch(tiny: Dataset,
     stem_images.clear()
     fit(cfg.replace(mix_prob=0.0, epochs=2), data=tiny)  # never mixes: cached
     assert sum(stem_images) == 1 + len(tiny.train) + len(tiny.val)
+
+
+@pytest.mark.parametrize("changes", [{"augment": "trivial"}, {"random_erasing": 0.25}])
+def test_a_policy_or_erasing_runs_the_frozen_stages_every_epoch_and_says_so_once(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any]) -> None:
+    stem_images = count_stem_images(monkeypatch)
+    cfg = tiny_config(unfreeze_depth=0, epochs=2, **PLAIN, **changes)
+    with pytest.warns(UserWarning, match=r"frozen stages \(unfreeze_depth 0\) run every "
+                                         "epoch") as warned:
+        fit(cfg, data=tiny)
+    assert len([w for w in warned if "frozen stages" in str(w.message)]) == 1
+    assert sum(stem_images) == cfg.epochs * (len(tiny.train) + len(tiny.val))
 
 
 def digits_config(**changes: Any) -> TrainConfig:

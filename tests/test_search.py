@@ -6,6 +6,7 @@ import csv
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import optuna
@@ -463,3 +464,57 @@ def test_max_concurrent_trials_is_also_how_many_trials_tune_keeps_pending(
                            mode="max")
     assert _get_max_pending_trials(SearchGenerator(searcher)) == 1
     assert _get_max_pending_trials(SearchGenerator(ConcurrencyLimiter(searcher, 4))) == 4
+
+
+@pytest.mark.slow
+def test_the_default_space_searches_the_policy_erasing_and_ema_and_best_yaml_retrains_them(
+        tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a fresh clone: the default space as shipped, but on digits from random weights at
+    16px, 2 trials of 2 epochs on the CPU (and warmup within them)."""
+    import yaml
+
+    import trainable.train as train_module
+    from spaces.space import SHIPPED_DIR
+
+    space = yaml.safe_load((SHIPPED_DIR / "default.yaml").read_text())
+    space["fixed"] |= {"resolution": 16, "weights": "none", "amp": "off"}
+    space["resources"] = {"gpus_per_trial": 0, "cpus_per_trial": 1}
+    space["scheduler"] |= {"max_epochs": 2, "grace_period": 1}
+    space["search"]["warmup_epochs"]["high"] = 1.0
+    (tmp_path / "default.yaml").write_text(yaml.safe_dump(space))
+    run = search(tmp_path, "--space", str(tmp_path / "default.yaml"), "--data", "digits",
+                 "--trials", "2", "--max-concurrent", "2", "--seed", "3")
+    assert {"augment", "random_erasing", "ema_decay"} <= set(
+        json.loads((run / SEARCH_FILE).read_text())["searched"])
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
+    assert set(trials.status) == {"TERMINATED"}
+    assert set(trials.augment) <= {"none", "trivial", "randaugment"}
+    assert (trials.augment != "none").any() and (trials.ema_decay > 0).any(), (
+        "seed 3 no longer draws a policy and an average")
+    main(["best", str(run)])
+    best = TrainConfig.from_yaml(run / "best.yaml")
+    row = trials.loc[trials.best_metric.idxmax()]
+    assert (best.augment, best.random_erasing, best.ema_decay) == (
+        row.augment, row.random_erasing, row.ema_decay)
+
+    policies: list[str] = []
+    averages: list[float] = []
+    augment, average = train_module.auto_augment, train_module.WeightAverage
+
+    def recording_augment(images: torch.Tensor, policy: str, *args: Any, **kwargs: Any
+                          ) -> torch.Tensor:
+        policies.append(policy)
+        return augment(images, policy, *args, **kwargs)
+
+    def recording_average(model: torch.nn.Module, decay: float, every: int) -> Any:
+        averages.append(decay)
+        return average(model, decay, every)
+
+    monkeypatch.setattr(train_module, "auto_augment", recording_augment)
+    monkeypatch.setattr(train_module, "WeightAverage", recording_average)
+    main(["train", "--config", str(run / "best.yaml"), "--epochs", "1", "--device", "cpu",
+          "--output", str(tmp_path / "model")])
+    assert set(policies) == ({best.augment} if best.augment != "none" else set())
+    assert averages == ([best.ema_decay] if best.ema_decay > 0 else [])
+    retrained = TrainConfig.from_yaml(tmp_path / "model" / "config.yaml")
+    assert retrained == best.replace(epochs=1)

@@ -190,18 +190,18 @@ def test_nan_loss_raises_training_diverged_with_advice_for_its_precision(
         fit(tiny_config(amp=amp), data=tiny)
 
 
+def saving_at(epoch: int, directory: Path, stop: bool = False) -> Any:
+    def report(metrics: dict[str, float], save: SaveCheckpoint) -> None:
+        if metrics["epoch"] == epoch:
+            save(directory)
+            if stop:
+                raise KeyboardInterrupt  # the trial dies right after its checkpoint
+    return report
+
+
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path,
                                                                tiny: Dataset) -> None:
     cfg = tiny_config(epochs=3, batch_size=6, lr=0.05, warmup_epochs=1.0, mixup_alpha=0.3)
-
-    def saving_at(epoch: int, directory: Path, stop: bool = False) -> Any:
-        def report(metrics: dict[str, float], save: SaveCheckpoint) -> None:
-            if metrics["epoch"] == epoch:
-                save(directory)
-                if stop:
-                    raise KeyboardInterrupt  # the trial dies right after its checkpoint
-        return report
-
     fit(cfg, saving_at(3, tmp_path / "straight"), data=tiny)
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, saving_at(1, tmp_path / "interrupted", stop=True), data=tiny)
@@ -219,6 +219,90 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tmp_path: Path,
     for key, value in straight["model"].items():
         assert torch.equal(value, again["model"][key]), key
     assert (tmp_path / "interrupted" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("policy", ["trivial", "randaugment", "autoaugment"])
+def test_a_policy_augments_uint8_batches_at_the_models_resolution(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+    augment = train_module.auto_augment
+
+    def recording(images: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append((images.dtype, tuple(images.shape[1:])))
+        return augment(images, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "auto_augment", recording)
+    cfg = tiny_config(resolution=8, augment=policy, random_erasing=0.5)
+    fit(cfg, data=tiny)  # decoded at 16px, trained at 8px
+    assert len(seen) == len(tiny.train) // cfg.batch_size  # each batch, once
+    assert set(seen) == {(torch.uint8, (3, 8, 8))}
+
+
+def test_a_run_with_a_policy_erasing_and_ema_resumes_exactly(tmp_path: Path,
+                                                            tiny: Dataset) -> None:
+    cfg = tiny_config(epochs=3, batch_size=6, lr=0.05, warmup_epochs=0.5, augment="trivial",
+                      random_erasing=0.3, ema_decay=0.8, ema_steps=2)
+    fit(cfg, saving_at(3, tmp_path / "straight"), data=tiny)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, saving_at(2, tmp_path / "interrupted", stop=True), data=tiny)
+    fit(cfg, saving_at(3, tmp_path / "resumed"), data=tiny, resume_from=tmp_path / "interrupted")
+    straight = torch.load(tmp_path / "straight" / CHECKPOINT_FILE, weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / CHECKPOINT_FILE, weights_only=True)
+    assert [(m["epoch"], m["val_loss"]) for m in straight["history"]] == [
+        (m["epoch"], m["val_loss"]) for m in resumed["history"]]
+    for part in ("model", "ema", "best_model"):
+        assert straight[part].keys() == resumed[part].keys()
+        for key, value in straight[part].items():
+            assert torch.equal(value, resumed[part][key]), (part, key)
+    assert int(straight["ema"]["n_averaged"]) > 0
+
+
+def fc_weights_after_each_step(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """A copy of the fc weights after every optimizer step that `fit` takes."""
+    weights: list[torch.Tensor] = []
+    build = train_module.build_optimizer
+
+    def recording_build(*args: Any) -> torch.optim.Optimizer:
+        optimizer = build(*args)
+        fc = next(p for g in optimizer.param_groups for p in g["params"] if p.shape == (3, 512))
+        optimizer.register_step_post_hook(lambda *_: weights.append(fc.detach().clone()))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "build_optimizer", recording_build)
+    return weights
+
+
+def test_ema_scores_and_keeps_the_moving_average_of_the_weights(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = fc_weights_after_each_step(monkeypatch)
+    decay = 0.6
+    result = fit(tiny_config(batch_size=4, ema_decay=decay, metric="train_loss"), data=tiny)
+    assert len(weights) == 6
+    expected = weights[0]  # the first update copies the weights
+    for w in weights[1:]:
+        expected = decay * expected + (1 - decay) * w
+    assert torch.allclose(result.model.fc.weight, expected, atol=1e-6)
+    assert not torch.allclose(result.model.fc.weight, weights[-1], atol=1e-4)
+
+
+def test_ema_updates_every_k_steps_and_restarts_during_warmup(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = fc_weights_after_each_step(monkeypatch)
+    cfg = tiny_config(batch_size=4, epochs=2, ema_decay=0.7, ema_steps=2, warmup_epochs=1.0,
+                      metric="train_loss", early_stop_patience=0)
+    result = fit(cfg, data=tiny)
+    assert len(weights) == 12  # 6 a epoch; warmup is the first 6
+    # updates after steps 2, 4, 6 (warmup: each restarts the average), 8 (a copy), 10 and
+    # 12, each by 0.7**2
+    expected = weights[7]
+    for w in (weights[9], weights[11]):
+        expected = 0.49 * expected + 0.51 * w
+    best = result.best_epoch
+    assert best in (1, 2)
+    if best == 2:
+        assert torch.allclose(result.model.fc.weight, expected, atol=1e-6)
+    else:
+        assert torch.equal(result.model.fc.weight, weights[5])  # the copy at warmup's end
 
 
 def test_early_stop_patience_stops_a_run_that_stopped_improving(

@@ -37,6 +37,14 @@ def resize(images: torch.Tensor, resolution: int) -> torch.Tensor:
                          antialias=True, align_corners=False)
 
 
+def resize_uint8(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """`resize`, rounded back to uint8: for the augmentation policies, which work on uint8
+    images at the model's resolution, as torchvision's do."""
+    if images.shape[-2:] == (resolution, resolution):
+        return images
+    return resize(images, resolution).round_().clamp_(0, 255).to(torch.uint8)
+
+
 @functools.cache
 def _channel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, 1 / std) in uint8 units, made once per device: a tensor built from Python

@@ -77,6 +77,21 @@ class TrainConfig:
     flip: Literal["auto", "horizontal", "none"] = _field(
         "auto", "random horizontal flip; auto = horizontal except for digits, whose meaning a "
         "mirror changes")
+    augment: Literal["none", "trivial", "randaugment", "autoaugment"] = _field(
+        "none", "automatic augmentation policy, per image on the device, on uint8 images before "
+        "crop and flip: trivial (TrivialAugmentWide), randaugment, autoaugment (ImageNet "
+        "policy), as torchvision's")
+    randaugment_n: int = _field(2, "RandAugment: ops applied in turn to each image", 1, 16)
+    randaugment_m: int = _field(9, "RandAugment: magnitude, a bin of torchvision's 31 (0-30)",
+                                0, 30)
+    random_erasing: float = _field(0.0, "probability that an image gets a random rectangle "
+                                   "erased, as torchvision's RandomErasing (0 = off)", 0.0, 1.0)
+    ema_decay: float = _field(0.0, "decay per optimizer step of an exponential moving average "
+                              "of the weights (and BatchNorm statistics), which is what each "
+                              "epoch scores and the best epoch keeps (0 = off)", 0.0, 1.0,
+                              high_open=True)
+    ema_steps: int = _field(1, "optimizer steps between updates of the moving average (each "
+                            "decays by ema_decay**ema_steps)", 1, 100_000)
     # Execution.
     amp: Literal["auto", "bf16", "fp16", "off"] = _field(
         "auto", "mixed precision; auto = bf16 on CUDA, off on the CPU (bf16 is far slower than "

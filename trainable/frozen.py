@@ -46,11 +46,26 @@ Fill = Callable[[DeviceImages, torch.Tensor], torch.Tensor]  # (images, out) -> 
 
 
 def augments(cfg: TrainConfig, source: str) -> bool:
-    """Whether a trial's training images differ between epochs: random crops, flips or
-    mixing."""
+    """Whether a trial's training images differ between epochs: random crops, flips,
+    mixing, an augmentation policy or random erasing."""
     mixes = (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) and cfg.mix_prob > 0
     return (resolve_crop(cfg.crop, cfg.resolution) != "none"
-            or resolve_flip(cfg.flip, source) or mixes)
+            or resolve_flip(cfg.flip, source) or mixes or cfg.augment != "none"
+            or cfg.random_erasing > 0)
+
+
+def caches_outputs(cfg: TrainConfig, source: str) -> bool:
+    """Whether frozen stages (if any) run once per image rather than every epoch."""
+    return CACHE_OUTPUTS and not augments(cfg, source)
+
+
+def trial_module(model: ResNet, cfg: TrainConfig, source: str) -> nn.Module:
+    """The module a trial's batches go through: the whole model; its frozen stages without
+    autograd, then the rest; or the rest alone, on the frozen stages' outputs."""
+    prefix, rest = split_frozen(model, cfg.unfreeze_depth)
+    if len(prefix) == 0:
+        return model
+    return rest if caches_outputs(cfg, source) else nn.Sequential(WithoutGrad(prefix), rest)
 
 
 class WithoutGrad(nn.Module):
@@ -73,11 +88,15 @@ def trial_inputs(model: ResNet, cfg: TrainConfig, data: Dataset, rt: Runtime,
     `budget`: the bytes of data the trial may keep on its device."""
     train = DeviceImages(data.train, rt.device, budget)
     val = DeviceImages(data.val, rt.device, budget - train.device_bytes)
-    prefix, rest = split_frozen(model, cfg.unfreeze_depth)
-    if len(prefix) == 0:
-        return model, train, val
-    if augments(cfg, data.source) or not CACHE_OUTPUTS:
-        return nn.Sequential(WithoutGrad(prefix), rest), train, val
+    module = trial_module(model, cfg, data.source)
+    prefix, _ = split_frozen(model, cfg.unfreeze_depth)
+    if len(prefix) == 0 or not caches_outputs(cfg, data.source):
+        if len(prefix) and CACHE_OUTPUTS and not augments(
+                cfg.replace(augment="none", random_erasing=0.0), data.source):
+            warnings.warn(f"augment {cfg.augment}, random_erasing {cfg.random_erasing}: the "
+                          "images change every epoch, so the frozen stages (unfreeze_depth "
+                          f"{cfg.unfreeze_depth}) run every epoch, not once", stacklevel=2)
+        return module, train, val
     prefix.eval()  # frozen BatchNorm: its running statistics
     dtype = rt.amp_dtype or torch.float32
     with torch.inference_mode(), rt.autocast():
@@ -97,7 +116,7 @@ def trial_inputs(model: ResNet, cfg: TrainConfig, data: Dataset, rt: Runtime,
         outputs = _mapped(cache_dir() / "frozen" / key, images, fill, row_shape, dtype)
     train = DeviceImages(data.train, rt.device, left, rows=outputs["train"])
     val = DeviceImages(data.val, rt.device, left - train.device_bytes, rows=outputs["val"])
-    return rest, train, val
+    return module, train, val
 
 
 def cache_key(cfg: TrainConfig, rt: Runtime, data: Dataset) -> str | None:

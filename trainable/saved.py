@@ -131,8 +131,8 @@ def load_model_dir(directory: Path) -> SavedModel:
 # --- a trial checkpoint --------------------------------------------------------------------
 
 def write_checkpoint(directory: Path, cfg: TrainConfig, state: dict[str, Any]) -> None:
-    """`state` as `fit` makes it: model, optimizer, scaler, best_model, epoch, history,
-    class_names."""
+    """`state` as `fit` makes it: model, optimizer, scaler, ema (the moving average's state,
+    None without one), best_model, epoch, history, class_names."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state, directory / CHECKPOINT_FILE)
     cfg.to_yaml(directory / CONFIG_FILE)

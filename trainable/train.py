@@ -18,12 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
 
-from trainable.augment import crop_and_flip, mix, resolve_crop, resolve_flip, soft_targets
+from trainable.augment import (
+    crop_and_flip,
+    mix,
+    resize_uint8,
+    resolve_crop,
+    resolve_flip,
+    soft_targets,
+)
+from trainable.autoaugment import auto_augment, random_erasing
 from trainable.config import TrainConfig
 from trainable.data import Dataset, load_dataset
 from trainable.device_images import DeviceImages, resident_budget
+from trainable.ema import WeightAverage
 from trainable.errors import UserError
-from trainable.frozen import augments, trial_inputs
+from trainable.frozen import augments, trial_inputs, trial_module
 from trainable.model import build_model, build_optimizer, set_train_mode
 from trainable.ranking import best_epoch_row, is_better, metric_mode
 from trainable.runtime import Runtime
@@ -31,6 +40,7 @@ from trainable.saved import read_checkpoint, write_checkpoint
 from trainable.schedule import lr_factor
 
 NAN_CHECK_EVERY = 50  # steps between the only host syncs of an epoch
+POLICY_STREAM = 1 << 62  # added to an epoch's seed: the policies' host draws, a stream apart
 
 SaveCheckpoint = Callable[[Path], None]
 Report = Callable[[dict[str, float], SaveCheckpoint], None]
@@ -74,15 +84,20 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    ema = WeightAverage(model, cfg.ema_decay, cfg.ema_steps) if cfg.ema_decay > 0 else None
+    # what each epoch scores and the best epoch keeps: the averaged weights, where averaging
+    scored_model = model if ema is None else ema.module
     result = FitResult(model)
     mode = metric_mode(cfg.metric)
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = copy.deepcopy(scored_model.state_dict())
     start_epoch = 0
     if resume_from is not None:
         state = read_checkpoint(Path(resume_from), map_location=rt.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         best_state, start_epoch, result.history = (
             state["best_model"], state["epoch"], list(state["history"]))
         best = best_epoch_row(result.history, cfg.metric, mode)
@@ -90,25 +105,26 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     # after the resume: frozen stages' outputs are computed from the weights the run goes on with
     module, train, val = trial_inputs(model, cfg, data, rt, resident_budget(rt.device, gpu_share))
     forward: nn.Module = torch.compile(module) if cfg.compile else module  # type: ignore[assignment]
+    scored = forward if ema is None else trial_module(ema.module, cfg, data.source)
 
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
         train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train, cfg,
-                                                       rt, epoch, data)
-        val_loss, val_acc = evaluate(forward, val, rt, 2 * cfg.batch_size)
+                                                       rt, epoch, data, ema)
+        val_loss, val_acc = evaluate(scored, val, rt, 2 * cfg.batch_size)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
                    "epoch_time_s": time.perf_counter() - start}
         if extra_metrics is not None:
             metrics.update(extra_metrics(model))
         if is_better(metrics[cfg.metric], result.best.get(cfg.metric), mode):
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored_model.state_dict())
             result.best_epoch = epoch + 1
         result.history.append(metrics)
         if report is not None:
             report(metrics, functools.partial(
                 save_checkpoint, cfg=cfg, epochs_done=epoch + 1, model=model,
-                optimizer=optimizer, scaler=scaler, best_state=best_state,
+                optimizer=optimizer, scaler=scaler, ema=ema, best_state=best_state,
                 history=result.history, class_names=data.class_names))
         patience = cfg.early_stop_patience
         if patience and epoch + 1 - result.best_epoch >= patience:
@@ -119,20 +135,22 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
 
 def save_checkpoint(directory: Path, *, cfg: TrainConfig, epochs_done: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                    best_state: dict[str, Any], history: list[dict[str, float]],
-                    class_names: list[str]) -> None:
+                    ema: WeightAverage | None, best_state: dict[str, Any],
+                    history: list[dict[str, float]], class_names: list[str]) -> None:
     """What `fit(resume_from=directory)` continues from after `epochs_done` epochs."""
     write_checkpoint(directory, cfg, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "best_model": best_state, "epoch": epochs_done,
-        "history": history, "class_names": class_names})
+        "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema else None,
+        "best_model": best_state, "epoch": epochs_done, "history": history,
+        "class_names": class_names})
 
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, images: DeviceImages, cfg: TrainConfig,
-                    rt: Runtime, epoch: int, data: Dataset) -> tuple[float, float, float]:
+                    rt: Runtime, epoch: int, data: Dataset,
+                    ema: WeightAverage | None = None) -> tuple[float, float, float]:
     """One pass over the training split (images, or the frozen stages' outputs); returns
-    (mean loss, last head lr, images/s)."""
+    (mean loss, last head lr, images/s). `ema` follows the weights after each step."""
     set_train_mode(model, True)
     seed = epoch_seed(cfg.seed, epoch)
     batch_indices = shuffled_batches(images, cfg.batch_size, seed)
@@ -141,6 +159,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
     augment = augments(cfg, data.source)
     device_gen = torch.Generator(rt.device).manual_seed(seed)
+    policy_gen = torch.Generator().manual_seed(seed + POLICY_STREAM)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
     loss_sum = torch.zeros((), device=rt.device)
     lr = cfg.lr
@@ -149,11 +168,18 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         step, micro = divmod(i, cfg.accumulate_steps)
         if micro == 0:
             lr = set_lr(optimizer, cfg, epoch * steps + step, steps)
+        if cfg.augment != "none":  # on uint8 at the model's resolution, as torchvision's
+            rows = auto_augment(resize_uint8(rows, rt.resolution), cfg.augment, policy_gen,
+                                randaugment_n=cfg.randaugment_n,
+                                randaugment_m=cfg.randaugment_m)
         x = model_input(rows, rt)
         targets = soft_targets(labels, data.num_classes, cfg.label_smoothing)
         if augment:  # never for frozen stages' outputs
-            x, targets = mix(crop_and_flip(x, crop, hflip, device_gen), targets,
-                             cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
+            x = crop_and_flip(x, crop, hflip, device_gen)
+            if cfg.random_erasing > 0:  # after normalisation, where torchvision erases
+                x = random_erasing(x, cfg.random_erasing, policy_gen)
+            x, targets = mix(x, targets, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
+                             mix_rng)
         with rt.autocast():
             loss = F.cross_entropy(model(x), targets)
         accumulate = min(cfg.accumulate_steps, micro_batches - step * cfg.accumulate_steps)
@@ -163,6 +189,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.after_step(epoch * steps + step, warmup_steps(cfg, steps))
         if (i + 1) % NAN_CHECK_EVERY == 0 or i + 1 == micro_batches:
             mean_loss = loss_sum.item() / (i + 1)
             if not math.isfinite(mean_loss):
@@ -175,9 +203,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The seed of an epoch's batch order and crops. They (and the mixing) derive from
-    (seed, epoch) alone, so a run resumed from a checkpoint continues exactly as it would
-    have."""
+    """The seed of an epoch's batch order, crops and policy draws. They (and the mixing)
+    derive from (seed, epoch) alone, so a run resumed from a checkpoint continues exactly as
+    it would have."""
     return seed * 100_003 + epoch
 
 
@@ -194,11 +222,15 @@ def shuffled_batches(images: DeviceImages, batch_size: int, seed: int) -> torch.
 def set_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int,
            steps_per_epoch: int) -> float:
     """Sets every group's lr before optimizer step `step` of the run; returns the head's."""
-    factor = lr_factor(step, round(cfg.warmup_epochs * steps_per_epoch),
-                       cfg.epochs * steps_per_epoch, cfg.min_lr / cfg.lr)
+    factor = lr_factor(step, warmup_steps(cfg, steps_per_epoch), cfg.epochs * steps_per_epoch,
+                       cfg.min_lr / cfg.lr)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr * group["lr_scale"] * factor
     return cfg.lr * factor
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return round(cfg.warmup_epochs * steps_per_epoch)
 
 
 @torch.no_grad()
