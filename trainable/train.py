@@ -68,7 +68,8 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         extra_metrics: Callable[[ResNet], dict[str, float]] | None = None) -> FitResult:
     """Train ResNet18 as `cfg` says; call `report(metrics, save_checkpoint)` after each epoch.
     `gpu_share`: the fraction of the GPU this run has (trials packed on one GPU).
-    `extra_metrics(model)`: more metrics of each epoch's weights, reported with the others
+    `extra_metrics(model)`: more metrics of each epoch's scored weights (the average where
+    `ema_decay` is on), reported with the others
     (benchmarks score a test split this way; a search never does). The process should have
     called `trainable.configure_torch()` first."""
     rt = Runtime.for_config(cfg, device)
@@ -116,7 +117,7 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
                    "epoch_time_s": time.perf_counter() - start}
         if extra_metrics is not None:
-            metrics.update(extra_metrics(model))
+            metrics.update(extra_metrics(scored_model))
         if is_better(metrics[cfg.metric], result.best.get(cfg.metric), mode):
             best_state = copy.deepcopy(scored_model.state_dict())
             result.best_epoch = epoch + 1
