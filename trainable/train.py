@@ -101,9 +101,12 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
             result.best_epoch = epoch + 1
         result.history.append(metrics)
         if report is not None:
+            # The best epoch's weights are the model's when this epoch is the best:
+            # torch.save writes tensors that share storage once.
+            best_now = model.state_dict() if result.best_epoch == epoch + 1 else best_state
             report(metrics, functools.partial(
                 save_checkpoint, cfg=cfg, epochs_done=epoch + 1, model=model,
-                optimizer=optimizer, scaler=scaler, best_state=best_state,
+                optimizer=optimizer, scaler=scaler, best_state=best_now,
                 history=result.history, class_names=data.class_names))
         patience = cfg.early_stop_patience
         if patience and epoch + 1 - result.best_epoch >= patience:

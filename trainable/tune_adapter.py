@@ -10,12 +10,14 @@ An epoch row's start_time is when the epoch's training began (its end_time less 
 epoch_time_s), so the time between trials (actor start, data, model, the checkpoint of the
 last epoch) is in no epoch. For benchmarks/turnover.py each result also carries
 `checkpoint_written` (when the checkpoint was written, before Tune copies it to storage),
-and the first result of a trial in a process `startup`: when the trial function was
-entered, torch configured and the data opened (UNIX seconds).
+and the first result of a trial in a process `startup`: the process id (a reused actor
+trains trial after trial) and when the trial function was entered, torch configured and the
+data opened (UNIX seconds).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from trainable.train import SaveCheckpoint, TrainingDiverged, fit
 def train_trial(config: dict[str, Any], data: DecodedData) -> None:
     """A Tune function trainable. `data` says where the decoded file is: the trial maps this
     node's copy, which the first trial of a node fetches from the run's storage."""
-    startup = {"entered": time.time()}
+    startup: dict[str, float] = {"pid": os.getpid(), "entered": time.time()}
     configure_torch()
     startup["torch_configured"] = time.time()
     cfg = TrainConfig.from_dict(config)
