@@ -242,6 +242,9 @@ def report(rows: Sequence[dict[str, Any]], recorder: Recorder | None) -> list[st
     lines = [f"{len(trials)} trials, {len(rows)} epochs on {len(slots)} slots; span from the "
              f"first epoch's start to the last one's end {span:.1f} s, {trained:.1f} s of "
              f"epochs in it"]
+    if recorder is not None:
+        pids = {events["pid"] for events in recorder.trials.values() if "pid" in events}
+        lines.append(f"{len(pids)} trial processes (Ray actors) ran the {len(trials)} trials")
     names = [name for name, _ in PHASES]
     short = ["ckpt", "upload", "end", "actor", "enter", "torch", "data", "model"]
     lines.append(f"{'slot':>4} {'before':>8} {'after':>8} {'turnover':>8}  " + " ".join(
