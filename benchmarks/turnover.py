@@ -247,26 +247,28 @@ def report(rows: Sequence[dict[str, Any]], recorder: Recorder | None) -> list[st
         lines.append(f"{len(pids)} trial processes (Ray actors) ran the {len(trials)} trials")
     names = [name for name, _ in PHASES]
     short = ["ckpt", "upload", "end", "actor", "enter", "torch", "data", "model"]
-    lines.append(f"{'slot':>4} {'before':>8} {'after':>8} {'turnover':>8}  " + " ".join(
-        f"{s:>6}" for s in short) + f"  {'ours':>6} {'ask':>6}")
+    measured = recorder is not None  # else only the files' figures: no breakdown
+    lines.append(f"{'slot':>4} {'before':>8} {'after':>8} {'turnover':>8}" + (
+        "  " + " ".join(f"{s:>6}" for s in short) + f"  {'ours':>6} {'ask':>6}"
+        if measured else ""))
 
     def fmt(value: float | None) -> str:
         return "     -" if value is None else f"{value:6.2f}"
 
     for t in found:
-        lines.append(f"{t.slot:>4} {t.before[-8:]:>8} {t.after[-8:]:>8} {t.seconds:8.2f}  "
-                     + " ".join(fmt(t.phases[name]) for name in names)
-                     + f"  {t.driver_callbacks_s:6.2f} {t.searcher_s:6.2f}")
+        lines.append(f"{t.slot:>4} {t.before[-8:]:>8} {t.after[-8:]:>8} {t.seconds:8.2f}" + (
+            "  " + " ".join(fmt(t.phases[name]) for name in names)
+            + f"  {t.driver_callbacks_s:6.2f} {t.searcher_s:6.2f}" if measured else ""))
     if not found:
         lines.append("no turnover: every trial had a slot of its own")
         return [*lines, f"turnover median - s, p90 - s, utilisation {utilisation:.2f}"]
     seconds = [t.seconds for t in found]
-    lines.append("median where each turnover's time went (s):")
-    for name, label in zip(names, short, strict=True):
-        values = [v for t in found if (v := t.phases[name]) is not None]
-        if values:
-            lines.append(f"  {label:>6}  {name:30s} {statistics.median(values):6.2f}")
-    if recorder is not None:
+    if measured:
+        lines.append("median where each turnover's time went (s):")
+        for name, label in zip(names, short, strict=True):
+            values = [v for t in found if (v := t.phases[name]) is not None]
+            if values:
+                lines.append(f"  {label:>6}  {name:30s} {statistics.median(values):6.2f}")
         for label, name, values in (
                 ("ours", "in the project's callbacks", [t.driver_callbacks_s for t in found]),
                 ("ask", "in the searcher", [t.searcher_s for t in found])):
