@@ -24,7 +24,7 @@ from trainable.data import Dataset, load_dataset
 from trainable.device_images import DeviceImages, resident_budget
 from trainable.errors import UserError
 from trainable.frozen import augments, trial_inputs
-from trainable.model import build_model, build_optimizer, set_train_mode
+from trainable.model import build_optimizer, initial_model, set_train_mode
 from trainable.ranking import best_epoch_row, is_better, metric_mode
 from trainable.runtime import Runtime
 from trainable.saved import read_checkpoint, write_checkpoint
@@ -65,15 +65,16 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
                         f"the config asks for {cfg.resolution}px; a run can only use that "
                         "resolution or a smaller one")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes).to(rt.device)
+    torch.manual_seed(cfg.seed)  # the CUDA generators too
+    model, initial_state = initial_model(cfg, data.num_classes)
+    model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     result = FitResult(model)
     mode = metric_mode(cfg.metric)
-    best_state = copy.deepcopy(model.state_dict())
+    best_state = initial_state  # until an epoch is the best: read, never written
     start_epoch = 0
     if resume_from is not None:
         state = read_checkpoint(Path(resume_from), map_location=rt.device)
