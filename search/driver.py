@@ -111,7 +111,10 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
             # tune_controller._get_max_pending_trials), so fractional-GPU trials would start
             # one at a time. Tuner.restore keeps the original run's value.
             num_samples=request.trials or -1, max_concurrent_trials=concurrent,
-            trial_dirname_creator=trial_dirname),
+            # A freed slot's actor trains the next trial: a new one would import torch and
+            # the project again (seconds, the most of a turnover between short trials).
+            # Tune resets it with the next trial's config (FunctionTrainable.reset_config).
+            reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=run_config(request, request.storage, request.name, request.run_uri,
                               request.trials,
                               stop=None if account is None else BudgetStopper(account)))
@@ -155,7 +158,8 @@ def build_confirm_tuner(request: SearchRequest, data: DecodedData, concurrent: i
         tune_config=tune.TuneConfig(
             search_alg=ConfigQueue(configs),
             scheduler=FIFOScheduler(), num_samples=len(configs),
-            max_concurrent_trials=concurrent, trial_dirname_creator=trial_dirname),
+            max_concurrent_trials=concurrent, reuse_actors=True,
+            trial_dirname_creator=trial_dirname),
         run_config=run_config(request, request.run_uri, CONFIRM_DIR, confirm.uri,
                               len(configs)))
 

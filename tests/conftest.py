@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,15 @@ def ray_session() -> Iterator[None]:
              log_to_driver=False, logging_level=logging.ERROR)
     yield
     ray.shutdown()
+
+
+def patch_build_model(patch: pytest.MonkeyPatch, build: Callable[..., Any]) -> None:
+    """`fit` builds its models with `build` (as trainable.model.build_model), and keeps them
+    in a cache of built models (trainable.model.initial_model) that ends with the patch."""
+    import trainable.model as model_module
+
+    patch.setattr(model_module, "_initial", {})
+    patch.setattr(model_module, "build_model", build)
 
 
 def search_space_file(tmp_path: Path, max_epochs: int = 2, grace_period: int = 1,

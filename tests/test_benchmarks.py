@@ -165,3 +165,20 @@ def test_augment_value_prints_each_pieces_mean_and_paired_difference() -> None:
                                                      "random erasing 0.25", "ema 0.95"]
     assert all(re.fullmatch(r".{20} +\d\.\d{4} +\d\.\d{4} +[+-]\d\.\d{4} +\d\.\d{4}", line)
                for line in table[1:])
+
+
+def test_turnover_assigns_trials_to_slots_and_measures_the_gaps_between_them() -> None:
+    """Two slots: a, b start together; c takes a's slot 2 s after a's last epoch, d takes
+    b's 4 s after b's; utilisation is the epochs' seconds over 2 x the span."""
+    from benchmarks.turnover import assign_slots, report, trial_times
+
+    def epoch(trial_id: str, start: float, end: float) -> dict[str, object]:
+        return {"trial_id": trial_id, "start_time": start, "end_time": end}
+
+    rows = [epoch("a", 0, 10), epoch("a", 10, 20), epoch("b", 1, 11), epoch("c", 22, 32),
+            epoch("d", 15, 25)]
+    assert assign_slots(trial_times(rows)) == [["a", "c"], ["b", "d"]]
+    lines = report(rows, None)
+    assert lines[-3:-1] == ["   1        a        c     2.00", "   2        b        d     4.00"]
+    # 50 s of epochs, 2 slots x a span of 32 s
+    assert lines[-1] == "turnover median 3.00 s, p90 3.80 s, utilisation 0.78"

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import trainable.frozen as frozen
+import trainable.model as model_module
 import trainable.train as train_module
+from tests.conftest import patch_build_model
 from trainable import Dataset, Split, TrainConfig, UserError, fit, load_dataset
 from trainable.augment import normalize
 from trainable.data import cache_dir
@@ -37,14 +39,14 @@ def tiny_config(**changes: Any) -> TrainConfig:
 def count_stem_images(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The batch sizes that each run of the model's conv1 (the first frozen stage) saw."""
     seen: list[int] = []
-    build = train_module.build_model
+    build = model_module.build_model  # as patched so far
 
     def counting_build(*args: Any) -> torch.nn.Module:
         model = build(*args)
         model.conv1.register_forward_pre_hook(lambda _, inputs: seen.append(len(inputs[0])))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", counting_build)
+    patch_build_model(monkeypatch, counting_build)
     return seen
 
 
@@ -104,7 +106,7 @@ def test_flipped_images_run_the_frozen_stages_every_epoch_without_autograd(
         tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     stem_images = count_stem_images(monkeypatch)
     grad_modes: list[bool] = []
-    build = train_module.build_model
+    build = model_module.build_model  # as patched so far
 
     def recording_build(*args: Any) -> torch.nn.Module:
         model = build(*args)
@@ -112,7 +114,7 @@ def test_flipped_images_run_the_frozen_stages_every_epoch_without_autograd(
             lambda *_: grad_modes.append(torch.is_grad_enabled()))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", recording_build)
+    patch_build_model(monkeypatch, recording_build)
     cfg = tiny_config(unfreeze_depth=0, crop="none", flip="horizontal")
     fit(cfg, data=tiny)
     assert sum(stem_images) == cfg.epochs * (len(tiny.train) + len(tiny.val))

@@ -23,6 +23,7 @@ from search.cli import main
 from search.cluster import check_resources
 from search.driver import search_metadata
 from search.ensemble import ensemble_command
+from search.progress import ProgressPrinter
 from search.request import SearchRequest, request_from_args
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
 from search.samplers import make_sampler, startup_trials
@@ -43,7 +44,7 @@ from trainable.errors import UserError
 from trainable.model import ImageClassifier
 from trainable.runtime import Runtime
 from trainable.saved import load_checkpoint_dir, load_classifier, load_ensemble_dir
-from trainable.train import evaluate
+from trainable.train import evaluate, fit
 
 pytestmark = pytest.mark.ray
 
@@ -277,6 +278,60 @@ def test_quarter_gpu_trials_run_side_by_side(tmp_path: Path, ray_session: None) 
     trials = pq.read_table(run / TRIALS_FILE).to_pandas()
     assert (trials.gpu_fraction == 0.25).all()
     assert (trials.gpu_hours == trials.wall_time_s * 0.25 / 3600).all()
+
+
+@pytest.mark.slow
+def test_a_reused_trial_actor_trains_each_next_trials_own_config(
+        tmp_path: Path, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three trials one after another run in one actor (reuse_actors), and each reports
+    the lr, validation accuracy and weights that a fresh `fit` of its own config gives,
+    not those of the trial before."""
+    results: list[tuple[str, dict[str, object], dict[str, object]]] = []
+    on_result = ProgressPrinter.on_trial_result
+
+    def recording(self: ProgressPrinter, iteration: int, trials: list[Any], trial: Any,
+                  result: dict[str, object], **info: object) -> None:
+        results.append((trial.trial_id, dict(trial.config), result))
+        on_result(self, iteration, trials, trial, result, **info)
+
+    monkeypatch.setattr(ProgressPrinter, "on_trial_result", recording)
+    space = tmp_path / "space.yaml"
+    space.write_text("""
+metric: val_acc
+sampler: random
+scheduler: {name: fifo, max_epochs: 1}
+resources: {cpus_per_trial: 1}
+fixed: {resolution: 8, weights: none, batch_size: 128, val_fraction: 0.8}
+search:
+  lr:   {type: float, low: 0.01, high: 0.3, log: true}
+  seed: {type: int, low: 0, high: 1000}
+""")
+    run = search(tmp_path, "--space", str(space), "--data", "digits", "--trials", "3",
+                 "--max-concurrent", "1", "--sampler-seed", "0")
+    reports = [(trial_id, config, result) for trial_id, config, result in results
+               if "epoch" in result]
+    assert len({config["seed"] for _, config, _ in reports}) == 3, reports
+    pids = {result["startup"]["pid"] for _, _, result in reports}  # type: ignore[index]
+    assert len(pids) == 1, "the trials did not run in one reused actor"
+    trials = pq.read_table(run / TRIALS_FILE).to_pandas().set_index("trial_id")
+    data = decode_dataset("digits", 8, 0.8).open()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a trial with one CPU (Ray's OMP_NUM_THREADS)
+    try:
+        fresh = {trial_id: fit(TrainConfig.from_dict(config), data=data, device="cpu")
+                 for trial_id, config, _ in reports}
+    finally:
+        torch.set_num_threads(threads)
+    for trial_id, _, result in reports:
+        expected = fresh[trial_id].history[0]
+        assert result["lr"] == expected["lr"]
+        assert result["val_acc"] == pytest.approx(expected["val_acc"], abs=0.01)
+        saved = load_checkpoint_dir(Path(trials.checkpoint_path[trial_id])).model.state_dict()
+        for other, run_of_other in fresh.items():
+            weights = run_of_other.model.state_dict()
+            same = all(torch.allclose(saved[k].float(), weights[k].float(), atol=1e-4)
+                       for k in saved)
+            assert same == (other == trial_id), (trial_id, other)
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

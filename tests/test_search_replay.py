@@ -4,6 +4,7 @@ its ASHA decides as Ray's; benchmarks/replay_check.py runs the same loop on real
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import re
@@ -201,7 +202,7 @@ def test_the_check_runs_the_replayed_searches_on_real_training(
     data = synthetic_dataset(32, 16, 5, 8)
     data = dataclasses.replace(data, test=synthetic_dataset(16, 16, 5, 8, seed=7).val)
     live = replay_check.LiveRuns(table, data, {}, workers=2)
-    args = SimpleNamespace(seeds=2, trials=3, slots=2)
+    args = argparse.Namespace(seeds=2, trials=3, slots=2)
     replay_check.check_task("tiny", table, live, args, ["random+asha", "random+fifo"])
     out = capsys.readouterr().out
     assert "predicted" in out and "real: random+asha - random+fifo" in out

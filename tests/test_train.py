@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import trainable.model as model_module
 import trainable.train as train_module
+from tests.conftest import patch_build_model
 from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, fit, load_dataset
 from trainable.augment import normalize
 from trainable.device_images import DeviceImages
@@ -83,6 +85,29 @@ def test_frozen_stages_keep_weights_and_batchnorm_statistics_during_fit(tiny: Da
         assert not torch.equal(before[key], after[key]), key
 
 
+def test_a_process_builds_a_seeds_model_once_and_each_run_trains_as_from_a_fresh_build(
+        tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reused trial actor runs `fit` again and again: the second run of a seed copies the
+    model the first built, and trains exactly as the first did."""
+    built: list[int] = []
+    build = model_module.build_model  # as patched so far
+
+    def counting_build(cfg: TrainConfig, num_classes: int) -> Any:
+        built.append(cfg.seed)
+        return build(cfg, num_classes)
+
+    patch_build_model(monkeypatch, counting_build)
+    cfg = tiny_config(lr=0.1, mixup_alpha=0.2)
+    runs = [fit(cfg, data=tiny), fit(cfg.replace(seed=1), data=tiny), fit(cfg, data=tiny),
+            fit(cfg, data=tiny)]
+    assert built == [cfg.seed, 1, cfg.seed]  # the last run copied the third's model
+    first, _, third, fourth = (run.model.state_dict() for run in runs)
+    for key in first:
+        assert torch.equal(first[key], third[key]) and torch.equal(first[key], fourth[key]), key
+    assert runs[0].history[0]["train_loss"] == runs[3].history[0]["train_loss"]
+    assert not torch.equal(first["fc.weight"], runs[1].model.state_dict()["fc.weight"])
+
+
 def test_mixed_targets_sum_to_one_and_validation_is_never_mixed(
         tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     mixed_batches: list[torch.Tensor] = []
@@ -112,7 +137,7 @@ def test_bf16_autocast_runs_on_the_cpu(tiny: Dataset) -> None:
     # how bf16 training fares (once, on CI's CPU, the loss after a step was NaN).
     cfg = tiny_config(amp="bf16", batch_size=24)
     head_dtypes: set[torch.dtype] = set()
-    build = train_module.build_model
+    build = model_module.build_model  # as patched so far
 
     def spying_build(*args: Any) -> torch.nn.Module:
         model = build(*args)
@@ -120,7 +145,7 @@ def test_bf16_autocast_runs_on_the_cpu(tiny: Dataset) -> None:
         return model
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_module, "build_model", spying_build)
+        patch_build_model(patch, spying_build)
         result = fit(cfg, data=tiny, device="cpu")
     assert head_dtypes == {torch.bfloat16}
     assert math.isfinite(result.history[0]["train_loss"])
@@ -151,7 +176,7 @@ def test_a_resolution_above_the_decoded_one_is_refused(tiny: Dataset) -> None:
 def test_a_run_below_the_decoded_resolution_trains_and_evaluates_resized_batches(
         tiny: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[tuple[int, int]] = []
-    build = train_module.build_model
+    build = model_module.build_model  # as patched so far
 
     def recording_build(*args: Any) -> torch.nn.Module:
         model = build(*args)
@@ -159,7 +184,7 @@ def test_a_run_below_the_decoded_resolution_trains_and_evaluates_resized_batches
             tuple(inputs[0].shape[-2:])))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", recording_build)
+    patch_build_model(monkeypatch, recording_build)
     cfg = tiny_config(resolution=8, crop="resized", flip="horizontal")
     result = fit(cfg, data=tiny)
     steps, val_batches = len(tiny.train) // cfg.batch_size, 1
@@ -177,14 +202,14 @@ def test_a_run_below_the_decoded_resolution_trains_and_evaluates_resized_batches
                                             ("bf16", "lower lr or use amp off$")])
 def test_nan_loss_raises_training_diverged_with_advice_for_its_precision(
         tiny: Dataset, monkeypatch: pytest.MonkeyPatch, amp: str, advice: str) -> None:
-    build = train_module.build_model
+    build = model_module.build_model  # as patched so far
 
     def nan_logits_build(*args: Any) -> torch.nn.Module:
         model = build(*args)
         model.fc.register_forward_hook(lambda m, i, out: out * float("nan"))
         return model
 
-    monkeypatch.setattr(train_module, "build_model", nan_logits_build)
+    patch_build_model(monkeypatch, nan_logits_build)
     with pytest.raises(TrainingDiverged, match=r"training loss became nan in epoch 1 \(lr "
                        r"[0-9.e-]+\); " + advice):
         fit(tiny_config(amp=amp), data=tiny)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torchvision.models import ResNet, resnet18
@@ -30,6 +32,28 @@ def build_model(cfg: TrainConfig, num_classes: int) -> ResNet:
         param.requires_grad_(stage_distance(name) <= cfg.unfreeze_depth
                              or (new_stem and name.startswith("conv1.")))
     return model
+
+
+_initial: dict[tuple[object, ...], tuple[ResNet, torch.Tensor]] = {}  # one entry at most
+
+
+def initial_model(cfg: TrainConfig, num_classes: int) -> tuple[ResNet, dict[str, torch.Tensor]]:
+    """`build_model` after `torch.manual_seed(cfg.seed)`, leaving the CPU random state where
+    building leaves it, and its weights (shared, never to be written). A process that trains
+    trial after trial (a reused Ray actor) builds each seed's model once and copies it after
+    (building initialises every layer twice, nn's init then torchvision's: most of a trial's
+    start). Weights from a file or URI are read each time: the file may have changed."""
+    key = (cfg.seed, cfg.stem, cfg.weights, cfg.unfreeze_depth, num_classes)
+    if key not in _initial:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, num_classes)
+        if cfg.weights not in ("none", "imagenet"):
+            return model, copy.deepcopy(model.state_dict())
+        _initial.clear()
+        _initial[key] = (model, torch.get_rng_state())
+    model, random_state = _initial[key]
+    torch.set_rng_state(random_state)
+    return copy.deepcopy(model), model.state_dict()
 
 
 def split_frozen(model: ResNet, depth: int) -> tuple[nn.Sequential, nn.Sequential]:

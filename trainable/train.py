@@ -33,7 +33,7 @@ from trainable.device_images import DeviceImages, resident_budget
 from trainable.ema import WeightAverage
 from trainable.errors import UserError
 from trainable.frozen import augments, trial_inputs, trial_module
-from trainable.model import build_model, build_optimizer, set_train_mode
+from trainable.model import build_optimizer, initial_model, set_train_mode
 from trainable.ranking import best_epoch_row, is_better, metric_mode
 from trainable.runtime import Runtime
 from trainable.saved import read_checkpoint, write_checkpoint
@@ -79,8 +79,9 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
                         f"the config asks for {cfg.resolution}px; a run can only use that "
                         "resolution or a smaller one")
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes).to(rt.device)
+    torch.manual_seed(cfg.seed)  # the CUDA generators too
+    model, initial_state = initial_model(cfg, data.num_classes)
+    model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -90,7 +91,7 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
     scored_model = model if ema is None else ema.module
     result = FitResult(model)
     mode = metric_mode(cfg.metric)
-    best_state = copy.deepcopy(scored_model.state_dict())
+    best_state = initial_state  # until an epoch is the best: read, never written
     start_epoch = 0
     if resume_from is not None:
         state = read_checkpoint(Path(resume_from), map_location=rt.device)
@@ -123,9 +124,13 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
             result.best_epoch = epoch + 1
         result.history.append(metrics)
         if report is not None:
+            # The best epoch's weights are the model's when this epoch is the best:
+            # torch.save writes tensors that share storage once.
+            best_now = (scored_model.state_dict() if result.best_epoch == epoch + 1
+                        else best_state)
             report(metrics, functools.partial(
                 save_checkpoint, cfg=cfg, epochs_done=epoch + 1, model=model,
-                optimizer=optimizer, scaler=scaler, ema=ema, best_state=best_state,
+                optimizer=optimizer, scaler=scaler, ema=ema, best_state=best_now,
                 history=result.history, class_names=data.class_names))
         patience = cfg.early_stop_patience
         if patience and epoch + 1 - result.best_epoch >= patience:

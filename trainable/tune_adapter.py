@@ -5,10 +5,19 @@ metric is reported too (`best_<metric>`), because the searcher tells the study t
 of a trial's last result, and ASHA should rank a trial by the best it has reached. Every
 row reported so far is saved beside the checkpoint (epochs.json), so the results writer can
 restore rows that a killed driver never wrote.
+
+An epoch row's start_time is when the epoch's training began (its end_time less fit's
+epoch_time_s), so the time between trials (actor start, data, model, the checkpoint of the
+last epoch) is in no epoch. For benchmarks/turnover.py each result also carries
+`checkpoint_written` (when the checkpoint was written, before Tune copies it to storage),
+and the first result of a trial in a process `startup`: the process id (a reused actor
+trains trial after trial) and when the trial function was entered, torch configured and the
+data opened (UNIX seconds).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +38,9 @@ from trainable.train import SaveCheckpoint, TrainingDiverged, fit
 def train_trial(config: dict[str, Any], data: DecodedData) -> None:
     """A Tune function trainable. `data` says where the decoded file is: the trial maps this
     node's copy, which the first trial of a node fetches from the run's storage."""
+    startup: dict[str, float] = {"pid": os.getpid(), "entered": time.time()}
     configure_torch()
+    startup["torch_configured"] = time.time()
     cfg = TrainConfig.from_dict(config)
     metric, objective = cfg.metric, objective_name(cfg.metric)
     node_id = ray.get_runtime_context().get_node_id()
@@ -38,8 +49,9 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
     gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
     dataset = data.open()
+    startup["data_opened"] = time.time()
     rows: list[dict[str, Any]] = []
-    epoch_start = time.time()
+    epoch_start = time.time()  # of a diverged epoch, whose time fit does not report
 
     def running_best() -> float:
         best = best_epoch_row(rows, metric, metric_mode(metric))
@@ -47,12 +59,17 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
 
     def report(metrics: dict[str, float], save_checkpoint: SaveCheckpoint) -> None:
         nonlocal epoch_start
-        rows.append({**metrics, "node_id": node_id, "start_time": epoch_start,
-                     "end_time": time.time()})
+        end = time.time()
+        rows.append({**metrics, "node_id": node_id, "start_time": end - metrics["epoch_time_s"],
+                     "end_time": end})
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory))
             write_trial_epochs(Path(directory), rows)
-            tune.report({**rows[-1], objective: running_best()},
+            timing: dict[str, Any] = {"checkpoint_written": time.time()}
+            if startup:  # the first report of this trial in this process
+                timing["startup"] = dict(startup)
+                startup.clear()
+            tune.report({**rows[-1], objective: running_best(), **timing},
                         checkpoint=tune.Checkpoint.from_directory(directory))
         epoch_start = time.time()
 
