@@ -29,7 +29,10 @@ def start_ray(address: str | None) -> None:
         if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
         else:
-            ray.init(dashboard_host="127.0.0.1", log_to_driver=False, logging_level=logging.ERROR)
+            # "local": a new Ray of its own, never a `ray start` cluster that ray.init() would
+            # join by itself (--address is how a search joins one)
+            ray.init(address="local", dashboard_host="127.0.0.1", log_to_driver=False,
+                     logging_level=logging.ERROR)
     except ConnectionError as e:
         raise UserError(f"--address {address}: cannot join the Ray cluster ({e}); start it "
                         "with `ray start --head` or `ray up cluster.yaml`") from None
