@@ -17,10 +17,10 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     random ones)."""
     if name == "tpe":
         # constant_liar keeps parallel trials from sampling the same point. Independent
-        # TPE (Optuna 5 defaults to multivariate): on the recorded learning curves of
-        # benchmarks/search_replay.py its median best val_acc was as high or higher than
-        # multivariate TPE's in 10 of 12 task-budget cells (README: How the default search
-        # spends its trials).
+        # TPE (Optuna 5 defaults to multivariate): on the single-seed learning curves of
+        # 2026-12-05 its median best val_acc was as high or higher than multivariate TPE's
+        # in 10 of 12 task-budget cells; not yet checked on the noisy tables that replaced
+        # them (README: How the default search spends its trials).
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
                                           multivariate=False, constant_liar=True)
     if name == "cmaes":
