@@ -42,7 +42,14 @@ import optuna
 import torch
 
 from benchmarks import replay_record
-from benchmarks.replay_table import DATA_DIR, Curve, Table, config_of, read_table
+from benchmarks.replay_table import (
+    DATA_DIR,
+    Curve,
+    Table,
+    config_of,
+    read_table,
+    retrained_score,
+)
 from benchmarks.search_replay import STRATEGIES, Outcome, Runs, TableRuns, replay
 from trainable import Dataset, TrainingDiverged, configure_torch, fit
 from trainable.device_images import DeviceImages
@@ -93,22 +100,15 @@ class LiveRun:
         self.thread.join()
 
 
-class LiveRuns:
+class LiveRuns(TableRuns):
     """Real runs of a task: fit on its data, the table giving only the clock's epoch times.
     Full runs (a retrain, a confirm stage) are kept by configuration and seed."""
 
     def __init__(self, table: Table, data: Dataset, fixed: dict[str, Any], workers: int):
-        self.table, self.data, self.fixed = table, data, fixed
+        super().__init__(table)
+        self.data, self.fixed = data, fixed
         self.pool = ThreadPoolExecutor(workers)
         self.full: dict[tuple[Any, ...], Curve] = {}
-
-    @property
-    def num_classes(self) -> int:
-        return self.table.num_classes
-
-    @property
-    def seeds(self) -> int:
-        return self.table.seeds
 
     def config(self, sampled: dict[str, Any], seed: int) -> Any:
         return self.table.space.config({**self.fixed, **sampled, "seed": seed})
@@ -144,12 +144,8 @@ class LiveRuns:
         return Curve(*(np.array([r[k] for r in rows]) for k in range(3)))
 
     def handed_over(self, sampled: dict[str, Any]) -> float:
-        chance = 1.0 / self.num_classes
-        tests = []
-        for curve in self.full_runs(sampled, list(range(self.seeds))):
-            best = curve.best_epoch
-            tests.append(chance if best is None else float(curve.test_acc[best]))
-        return float(np.mean(tests))
+        return retrained_score(self.full_runs(sampled, list(range(self.seeds))),
+                              self.num_classes)
 
 
 def paired(a: list[Outcome], b: list[Outcome]) -> tuple[float, float]:

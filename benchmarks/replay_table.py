@@ -82,6 +82,13 @@ class Curve:
         return int(np.nanargmax(self.val_acc))
 
 
+def retrained_score(runs: list[Curve], num_classes: int) -> float:
+    """A configuration's test_acc as retrained: the mean over its runs of the test_acc at
+    each run's best epoch by val_acc; chance for a run with no scored epoch."""
+    return float(np.mean([1.0 / num_classes if c.best_epoch is None
+                          else float(c.test_acc[c.best_epoch]) for c in runs]))
+
+
 @dataclass
 class Table:
     task: str
@@ -132,15 +139,7 @@ class Table:
 
     @cached_property
     def handed_over_scores(self) -> np.ndarray:
-        chance = 1.0 / self.num_classes
-        scores = np.empty(len(self.configs))
-        for i, runs in enumerate(self.runs):
-            tests = []
-            for curve in runs:
-                best = curve.best_epoch
-                tests.append(chance if best is None else float(curve.test_acc[best]))
-            scores[i] = float(np.mean(tests))
-        return scores
+        return np.array([retrained_score(runs, self.num_classes) for runs in self.runs])
 
     def handed_over(self, index: int) -> float:
         """What configuration `index`, retrained, scores on the test split: the mean over the
