@@ -216,3 +216,20 @@ def test_the_check_runs_the_replayed_searches_on_real_training(
     assert 0 <= run.value(0) <= 1
     run.stop()
     assert not run.thread.is_alive()
+
+
+@pytest.mark.slow
+def test_the_recorder_writes_a_table_of_seeded_runs_with_test_scores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import replay_record
+
+    monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path / "cache"))
+    replay_record.main(["--tasks", "shapes", "--points", "2", "--limit", "1", "--seeds", "2",
+                        "--workers", "1", "--output", str(tmp_path)])
+    table = read_table(tmp_path / "shapes.parquet")
+    assert len(table.configs) == 1 and table.seeds == 2 and table.num_classes == 5
+    assert table.design["points"] == 2 and table.recorded["seeds"] == 2
+    for curve in table.runs[0]:
+        assert len(curve.val_acc) == table.space.scheduler.max_epochs
+        assert np.all((curve.test_acc >= 0) & (curve.test_acc <= 1))
+    assert 0 <= table.handed_over(0) <= 1
