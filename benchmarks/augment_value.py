@@ -4,6 +4,7 @@ with no policy, TrivialAugment, RandAugment, random erasing and a moving average
 weights, on the CPU.
 
     nice -n 10 python benchmarks/augment_value.py [--seeds 5] [--epochs 15] [--per-class 30]
+        [--workers 2]
 
 Every run is a `fit` of the same base config (32px, batch 32, SGD lr 0.05 with a warmup
 epoch, label smoothing 0.1, `crop` and `flip` as `auto` picks them for digits: a pad crop,
@@ -11,7 +12,8 @@ no flip) with one piece added; its best epoch by val_acc (digits' 143 val images
 scored on digits' 359 test images. Seeds are paired: seed s of every piece starts from the
 same initial weights and batch order, so each piece's difference from `none` is given with
 the standard error of the paired differences, next to each mean with its standard error.
-Everything is seeded: a rerun on the same machine and thread count prints the same numbers.
+Everything is seeded: a rerun on the same machine and thread count prints the same numbers,
+however many worker processes (one thread each) share the runs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.common import describe_device
 from benchmarks.transfer import first_per_class, test_accuracy
-from trainable import TrainConfig, configure_torch, fit, load_dataset
+from trainable import Dataset, TrainConfig, configure_torch, fit, load_dataset
 
 RESOLUTION = 32
 PIECES: dict[str, dict[str, Any]] = {
@@ -43,30 +46,51 @@ PIECES: dict[str, dict[str, Any]] = {
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    configure_torch()
-    torch.set_num_threads(args.threads)
-    data = load_dataset("digits", RESOLUTION, 0.1)
-    data.train = first_per_class(data.train, args.per_class)
+    data = small_digits(args.per_class)
     print(f"augment_value: {describe_device(torch.device('cpu'))}, torch {torch.__version__}, "
           f"digits {RESOLUTION}px from random weights, {len(data.train)} train "
           f"({args.per_class} a class), {len(data.val)} val, {len(data.test or [])} test "
-          f"images, {args.epochs} epochs, seeds 0-{args.seeds - 1}", flush=True)
+          f"images, {args.epochs} epochs, seeds 0-{args.seeds - 1}, {args.workers} workers",
+          flush=True)
+    jobs = [(name, seed, args) for name in PIECES for seed in range(args.seeds)]
     accuracies: dict[str, list[float]] = {}
-    for name, piece in PIECES.items():
-        for seed in range(args.seeds):
-            cfg = TrainConfig(data="digits", resolution=RESOLUTION, weights="none",
-                              epochs=args.epochs, batch_size=32, seed=seed, **piece)
-            start = time.perf_counter()
-            result = fit(cfg, data=data, device="cpu")
-            accuracy = test_accuracy(result, cfg, data)
+    with ProcessPoolExecutor(args.workers, initializer=start_worker, initargs=(args,)) as pool:
+        for (name, seed, _), (accuracy, best_epoch, seconds) in zip(
+                jobs, pool.map(train_piece, jobs), strict=True):
             accuracies.setdefault(name, []).append(accuracy)
             print(f"  {name:20s} seed {seed}: test_acc {accuracy:.4f} (best epoch "
-                  f"{result.best_epoch}, {time.perf_counter() - start:.0f} s)", flush=True)
+                  f"{best_epoch}, {seconds:.0f} s)", flush=True)
     print(f"{'piece':20s} {'test_acc mean':>13s} {'se':>7s} {'vs none':>8s} {'se':>7s}")
     for name, values in accuracies.items():
         differences = [a - b for a, b in zip(values, accuracies["none"], strict=True)]
         print(f"{name:20s} {statistics.mean(values):13.4f} {standard_error(values):7.4f} "
               f"{statistics.mean(differences):+8.4f} {standard_error(differences):7.4f}")
+
+
+def small_digits(per_class: int) -> Dataset:
+    data = load_dataset("digits", RESOLUTION, 0.1)
+    data.train = first_per_class(data.train, per_class)
+    return data
+
+
+_data: list[Dataset] = []  # a worker's copy of the data
+
+
+def start_worker(args: argparse.Namespace) -> None:
+    configure_torch()
+    torch.set_num_threads(args.threads)
+    _data.append(small_digits(args.per_class))
+
+
+def train_piece(job: tuple[str, int, argparse.Namespace]) -> tuple[float, int, float]:
+    """One piece's run with one seed: its test accuracy, best epoch and seconds."""
+    name, seed, args = job
+    data = _data[0]
+    cfg = TrainConfig(data="digits", resolution=RESOLUTION, weights="none",
+                      epochs=args.epochs, batch_size=32, seed=seed, **PIECES[name])
+    start = time.perf_counter()
+    result = fit(cfg, data=data, device="cpu")
+    return test_accuracy(result, cfg, data), result.best_epoch, time.perf_counter() - start
 
 
 def standard_error(values: list[float]) -> float:
@@ -78,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=5, help="training seeds per piece")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--per-class", type=int, default=30, help="training images a class")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads a worker")
+    parser.add_argument("--workers", type=int, default=2, help="processes that share the runs")
     return parser.parse_args(argv)
 
 

@@ -125,6 +125,9 @@ STRATEGIES: dict[str, Strategy] = {
     "default-no-priors": Strategy(priors=False),
     "default-grace-1": Strategy(grace_period=1),
     "default-rf-3": Strategy(reduction_factor=3),
+    "random+priors": Strategy(startup=lambda trials: trials),  # TPE that never models
+    "random+priors-rf-3": Strategy(startup=lambda trials: trials, reduction_factor=3),
+    "random+asha-rf-3": Strategy("random", reduction_factor=3),
     "default+confirm-2": Strategy(confirm=2),
     "random+asha+confirm-2": Strategy("random", confirm=2),
 }

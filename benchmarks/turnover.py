@@ -3,14 +3,19 @@ first, and where that time goes.
 
     python benchmarks/turnover.py [--space benchmarks/turnover.yaml] [--data digits]
         [--trials 16] [--seed 0] [--gpus-per-trial F] [--cpus-per-trial C]
-        [--max-concurrent K] [--storage DIR|s3://...] [--output FILE]
+        [--max-concurrent K] [--storage DIR|s3://...] [--s3] [--nodes N] [--output FILE]
     python benchmarks/turnover.py --run RUN_DIR     # the figures of a finished search
 
 Runs one real `resnet-hpo search` through the project's driver on a local Ray of its own
 (its workers at normal priority, so that other load on a shared machine starves them no
 more than the driver) with short trials: by default benchmarks/turnover.yaml, digits at 8px,
 one or two epochs a trial with ASHA, as many at once as the CPUs fit (2 on a 2-core
-machine). `--gpus-per-trial` runs the same on a GPU.
+machine). `--gpus-per-trial` runs the same on a GPU. `--s3` stores the run in a bucket of a
+local S3-compatible server (moto, as tests/test_s3.py runs it), so that every checkpoint and
+result file crosses HTTP; `--nodes N` runs the trials on N worker nodes of a local Ray
+cluster (a head that runs none, each worker node with a cache of its own, as
+tests/test_cluster.py builds it), so that checkpoints cross between processes that share no
+memory.
 
 From the run's own files (epochs.parquet: each epoch's start_time and end_time, the start
 being when its training began) it assigns the trials to slots by time (a trial takes the
@@ -38,6 +43,7 @@ import itertools
 import logging
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -300,10 +306,63 @@ def load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_search(args: argparse.Namespace, storage: str, recorder: Recorder) -> str:
-    """The search, as `resnet-hpo search` runs it; returns its run directory."""
+@contextlib.contextmanager
+def s3_bucket(tmp: str) -> Iterator[str]:
+    """A moto S3 server on a free local port with an empty bucket, this process's environment
+    (inherited by Ray's processes) pointed at it; yields the bucket's URI."""
+    log = Path(tmp) / "moto.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while not (found := re.search(r"Running on http://127\.0\.0\.1:(\d+)",
+                                      log.read_text())):
+            if server.poll() is not None:
+                raise SystemExit(f"--s3: the moto server exited: {log.read_text()}")
+            time.sleep(0.1)
+        os.environ.update({
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{found[1]}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"})
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="turnover")
+        yield "s3://turnover/runs"
+    finally:
+        server.terminate()
+        server.wait()
+
+
+@contextlib.contextmanager
+def ray_nodes(nodes: int, tmp: str) -> Iterator[None]:
+    """Ray on this machine: one node, or a head that runs no trial and `nodes` worker nodes
+    that split the CPUs, each with a data cache of its own."""
     import ray
 
+    options: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False,
+                                   logging_level=logging.ERROR)
+    if nodes <= 1:
+        ray.init(address="local", num_cpus=os.cpu_count(), **options)
+        cluster = None
+    else:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+        for i in range(nodes):
+            cluster.add_node(num_cpus=max(1, (os.cpu_count() or 1) // nodes),
+                             env_vars={"RESNET_HPO_CACHE": str(Path(tmp) / f"node-{i}")})
+        ray.init(address=cluster.address, **options)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+
+
+def run_search(args: argparse.Namespace, storage: str, recorder: Recorder, tmp: str) -> str:
+    """The search, as `resnet-hpo search` runs it; returns its run directory."""
     from search.cli import main as resnet_hpo
 
     flags = ["search", "--space", str(args.space), "--data", args.data, "--trials",
@@ -313,14 +372,10 @@ def run_search(args: argparse.Namespace, storage: str, recorder: Recorder) -> st
     if args.max_concurrent:
         flags += ["--max-concurrent", str(args.max_concurrent)]
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-             log_to_driver=False, logging_level=logging.ERROR)
-    try:
-        log = Path(args.output).with_suffix(".log") if args.output else Path(os.devnull)
-        with open(log, "w") as out, contextlib.redirect_stdout(out), instrumented(recorder):
-            resnet_hpo(flags)
-    finally:
-        ray.shutdown()
+    log = Path(args.output).with_suffix(".log") if args.output else Path(os.devnull)
+    with ray_nodes(args.nodes, tmp), open(log, "w") as out, contextlib.redirect_stdout(out), \
+            instrumented(recorder):
+        resnet_hpo(flags)
     return f"{storage.rstrip('/')}/turnover"
 
 
@@ -332,14 +387,15 @@ def main(argv: list[str] | None = None) -> None:
              f"start  {command}"]
     print(lines[0], flush=True)
     recorder: Recorder | None = None
-    with tempfile.TemporaryDirectory(prefix="turnover-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="turnover-") as tmp, contextlib.ExitStack() as stack:
         if args.run:
             run = args.run
         else:
             imports = import_seconds()
             lines.append(f"a fresh process imports trainable.tune_adapter in {imports:.2f} s")
             recorder = Recorder()
-            run = run_search(args, args.storage or tmp, recorder)
+            storage = stack.enter_context(s3_bucket(tmp)) if args.s3 else args.storage or tmp
+            run = run_search(args, storage, recorder, tmp)
         rows = RunDir.open(run).read_table(EPOCHS_FILE).to_pylist()
         lines += report(rows, recorder)
     lines.append(f"# load average {load()} at the end")
@@ -360,6 +416,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
     parser.add_argument("--storage", help="where the run goes (default: a temporary directory)")
+    parser.add_argument("--s3", action="store_true",
+                        help="store the run in a local S3-compatible server's bucket (moto)")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="worker nodes of a local Ray cluster that share the CPUs (default 1:"
+                             " Ray on one node)")
     parser.add_argument("--output", help="also write this output to FILE (the search's own "
                                          "output goes to FILE with .log)")
     parser.add_argument("--run", help="only report on this finished run directory")
