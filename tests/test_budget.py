@@ -66,10 +66,22 @@ def test_durations_are_formatted_to_the_second_under_an_hour(seconds: float,
 
 def never_starts_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
-        pytest.fail("a bad --budget should be refused before Ray starts")
+        pytest.fail("a bad flag should be refused before Ray starts")
 
     monkeypatch.setattr("search.cluster.start_ray", fail)
     monkeypatch.setattr("search.driver.decode_dataset", fail)
+
+
+def refused_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                       monkeypatch: pytest.MonkeyPatch, flags: list[str]) -> str:
+    """The one line a new search with `flags` prints before Ray starts or any run directory
+    exists."""
+    never_starts_ray(monkeypatch)
+    err = one_line_error(capsys, ["search", "--space", str(search_space_file(tmp_path)),
+                                  "--data", "digits", "--storage", str(tmp_path / "runs"),
+                                  *flags])
+    assert not (tmp_path / "runs").exists()
+    return err
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
@@ -84,12 +96,7 @@ def never_starts_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_budget_flags_are_one_line_before_ray_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         flags: list[str], expected: str) -> None:
-    never_starts_ray(monkeypatch)
-    err = one_line_error(capsys, ["search", "--space", str(search_space_file(tmp_path)),
-                                  "--data", "digits", "--storage", str(tmp_path / "runs"),
-                                  *flags])
-    assert expected in err
-    assert not (tmp_path / "runs").exists()
+    assert expected in refused_before_ray(tmp_path, capsys, monkeypatch, flags)
 
 
 def test_resume_with_a_budget_is_refused_in_one_line(

@@ -26,7 +26,7 @@ from search.request import request_from_args
 from search.rundir import BEST_FILE, EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
 from tests.conftest import one_line_error, reported_epochs, search_space_file
 from tests.rundir_fixture import sampled_run
-from tests.test_budget import FakeClock, never_starts_ray, search_args
+from tests.test_budget import FakeClock, never_starts_ray, refused_before_ray, search_args
 from tests.test_faults import kill_when, resnet_hpo, tiny_images, tpe_fifo_space
 from tests.test_study import finished_run, whole_journal
 from trainable.config import TrainConfig
@@ -44,12 +44,7 @@ from trainable.config import TrainConfig
 def test_bad_confirm_flags_are_one_line_before_ray_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         flags: list[str], expected: str) -> None:
-    never_starts_ray(monkeypatch)
-    err = one_line_error(capsys, ["search", "--space", str(search_space_file(tmp_path)),
-                                  "--data", "digits", "--storage", str(tmp_path / "runs"),
-                                  *flags])
-    assert expected in err
-    assert not (tmp_path / "runs").exists()
+    assert expected in refused_before_ray(tmp_path, capsys, monkeypatch, flags)
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--add-trials=2"])
