@@ -230,8 +230,9 @@ def replay(runs: Runs, space: SearchSpace, data_source: str, strategy: Strategy,
                          f"{strategy.confirm} x {strategy.confirm_seeds}")
     searcher = StudySearch(DefineByRun(space), objective, space.mode,
                            sampler=strategy.make_sampler(space.sampler, seed, search_trials))
-    if strategy.priors:
-        enqueue_priors(searcher.study, space, data_source)
+    if strategy.priors:  # as the driver, which reads the sampler from the space
+        enqueue_priors(searcher.study, dataclasses.replace(
+            space, sampler=strategy.sampler or space.sampler), data_source)
     scheduler = strategy.scheduler(space.scheduler)
     asha = Asha(scheduler) if strategy.asha else None
     rng = np.random.default_rng([seed, 1])  # which seed each run trains with

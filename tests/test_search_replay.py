@@ -20,6 +20,7 @@ import pytest
 from benchmarks import replay_check, search_replay
 from benchmarks.common import synthetic_dataset
 from benchmarks.replay_table import Table, read_table, table_schema
+from search.priors import prior_params
 from spaces import Scheduler, parse_space
 
 SPACE = """\
@@ -148,6 +149,33 @@ def test_replay_counts_every_epoch_draws_noisy_runs_and_asha_stops_some(table: T
     # found is a val_acc (seed 1 is lucky on val), handed over a test_acc
     assert {round(outcome("random+fifo", s).found - fifo.found, 6) for s in range(6)} \
         - {0.0} != set()
+
+
+def test_the_recipes_go_first_for_tpe_and_never_for_random_as_the_driver_enqueues_them(
+        table: Table) -> None:
+    pretrained = dataclasses.replace(table.space, fixed={**table.space.fixed,
+                                                         "weights": "imagenet"})
+    recipes = prior_params(pretrained, table.data)
+    assert recipes
+
+    class Started(search_replay.TableRuns):
+        def __init__(self) -> None:
+            super().__init__(table)
+            self.sampled: list[dict[str, Any]] = []
+
+        def start(self, sampled: dict[str, Any], seed: int) -> search_replay.Run:
+            self.sampled.append(sampled)
+            return super().start(sampled, seed)
+
+    def first_trials(name: str) -> list[dict[str, Any]]:
+        runs = Started()
+        search_replay.replay(runs, pretrained, table.data, search_replay.STRATEGIES[name],
+                             8, 0, 2)
+        keys = {param.name for param in pretrained.params}
+        return [{k: v for k, v in c.items() if k in keys} for c in runs.sampled[:len(recipes)]]
+
+    assert first_trials("default") == recipes == first_trials("random+priors")
+    assert all(config not in recipes for config in first_trials("random+asha"))
 
 
 def test_a_confirm_stage_hands_over_the_best_mean_of_other_seeds_and_pays_for_it(
