@@ -17,10 +17,10 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
     random ones)."""
     if name == "tpe":
         # constant_liar keeps parallel trials from sampling the same point. Independent
-        # TPE (Optuna 5 defaults to multivariate): on the single-seed learning curves of
-        # 2026-12-05 its median best val_acc was as high or higher than multivariate TPE's
-        # in 10 of 12 task-budget cells; not yet checked on the noisy tables that replaced
-        # them (README: How the default search spends its trials).
+        # TPE, not Optuna 5's multivariate default: as good or better on the single-seed
+        # curves of 2026-12-05 (not rechecked since). On the noisy tables of 2026-12-07 it
+        # handed over a better model than random search at 8 trials only (README: How the
+        # default search spends its trials).
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
                                           multivariate=False, constant_liar=True)
     if name == "cmaes":
