@@ -19,6 +19,7 @@ however many worker processes (one thread each) share the runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -67,25 +68,22 @@ def main(argv: list[str] | None = None) -> None:
               f"{statistics.mean(differences):+8.4f} {standard_error(differences):7.4f}")
 
 
+@functools.cache  # once a process
 def small_digits(per_class: int) -> Dataset:
     data = load_dataset("digits", RESOLUTION, 0.1)
     data.train = first_per_class(data.train, per_class)
     return data
 
 
-_data: list[Dataset] = []  # a worker's copy of the data
-
-
 def start_worker(args: argparse.Namespace) -> None:
     configure_torch()
     torch.set_num_threads(args.threads)
-    _data.append(small_digits(args.per_class))
 
 
 def train_piece(job: tuple[str, int, argparse.Namespace]) -> tuple[float, int, float]:
     """One piece's run with one seed: its test accuracy, best epoch and seconds."""
     name, seed, args = job
-    data = _data[0]
+    data = small_digits(args.per_class)
     cfg = TrainConfig(data="digits", resolution=RESOLUTION, weights="none",
                       epochs=args.epochs, batch_size=32, seed=seed, **PIECES[name])
     start = time.perf_counter()
