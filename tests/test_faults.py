@@ -10,6 +10,7 @@ the epoch it is in, since a trial's report waits for the driver.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
@@ -29,9 +30,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir
+from search.rundir import EPOCHS_FILE, SEARCH_COPY_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
 from search.tune_state import tune_state_problem
 from tests.conftest import reported_epochs, stopped, trial_worker_pids, write_class_tree
+from trainable.errors import UserError
 
 pytestmark = pytest.mark.ray
 
@@ -228,6 +230,26 @@ def test_resume_refuses_tune_state_cut_off_by_a_kill(tmp_path: Path) -> None:
                                        "is cut off (empty)")
 
 
+def test_a_search_json_cut_short_is_mended_from_its_copy(tmp_path: Path) -> None:
+    """A resumed Tune run copies search.json over itself, in place, each time it saves its
+    state (RunDir.write_search_info): one that a kill cut short is read from its copy."""
+    from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
+
+    # the Ray code that does it, as checked (Ray 2.60): every top-level .json comes down
+    assert 'path.endswith(".json")' in inspect.getsource(
+        _ExperimentCheckpointManager.sync_down_experiment_state)
+    run = RunDir.open(tmp_path)
+    info = {"metric": "val_acc", "trials": 8}
+    run.write_search_info(info)
+    (tmp_path / SEARCH_FILE).write_bytes(b'{"metric": "va')
+    assert run.read_search_info() == info
+    assert json.loads((tmp_path / SEARCH_FILE).read_text()) == info
+    (tmp_path / SEARCH_FILE).write_bytes(b"")
+    (tmp_path / SEARCH_COPY_FILE).unlink()
+    with pytest.raises(UserError, match=f"{tmp_path}/{SEARCH_FILE}: not a whole JSON file"):
+        run.read_search_info()
+
+
 def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]],
                           stop: threading.Event) -> None:
     """SIGKILL the trial's worker once its checkpoints hold epoch 2 (so the driver has epoch
@@ -349,6 +371,8 @@ def lose_named_checkpoints(run: Path) -> list[str]:
             newer = folder / f"checkpoint_{int(named.rsplit('_', 1)[1]) + 1:06d}"
             shutil.rmtree(newer, ignore_errors=True)  # one the kill cut short, if any
             (folder / named).rename(newer)
+        print(f"lost {folder.name}/{named} ({trial['status']}); the folder holds",
+              sorted(p.name for p in folder.iterdir()))
         gone.append(trial["trial_id"])
     return gone
 
@@ -401,8 +425,10 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
         if i == 1:
             to_mend = lose_named_checkpoints(run)
     assert to_mend, "Tune's saved state held no unfinished trial with a checkpoint"
+    mended = [line for line in log.read_text().splitlines() if " goes on from " in line]
     for trial_id in to_mend:  # the middle resume gave each its newest whole checkpoint
-        assert f"trial {trial_id} goes on from checkpoint_" in log.read_text()
+        assert any(line.startswith(f"trial {trial_id} ") for line in mended), (
+            trial_id, mended, sorted(p.name for p in (run / f"trial_{trial_id}").iterdir()))
 
     resumed = datetime.now()
     main(["search", "--storage", str(tmp_path), "--name", "k", "--resume"])
