@@ -26,9 +26,10 @@ is `handed-over (tpe+asha - random+asha), mean of N seeds: +X +- SE`. With
 DIR/search_efficiency.png (the curves). The searches' own output goes to search.log (in DIR,
 else in the storage).
 
-tpe+asha is what `resnet-hpo search` does by default: the guides' recipes first
-(search/priors.py), then random draws up to TPE's startup trials (search/samplers.py
-startup_trials: a quarter of the trials, 2 to 10), then TPE's model.
+tpe+asha was what `resnet-hpo search` did by default until 2026-12-07: random draws up to
+TPE's startup trials (search/samplers.py startup_trials: a quarter of the trials, 2 to 10),
+then TPE's model. The default now samples at random (README: How the default search spends
+its trials): random+asha here, where digits trains from random weights and gets no recipes.
 """
 
 from __future__ import annotations

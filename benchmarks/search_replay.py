@@ -24,16 +24,18 @@ confirm stage (`+confirm`), the top K trials run again at full epochs with R oth
 best mean val_acc is handed over, and those runs count in the search's trials.
 
 Strategies (STRATEGIES below): `default` (what `resnet-hpo search` does with the task's
-space), its variants (another TPE startup, GP, ASHA's first rung elsewhere, a confirm
-stage), random+asha, random+fifo, `1-epoch-top-k` (every configuration trained 1 epoch, the
-best quarter to the end: arXiv 2307.15422) and `recipe` (TrainConfig's defaults, the guides'
-recipe, as one trial). Every strategy replays the same seeds, so differences are paired: for
-each task and budget (trials) it prints each strategy's mean handed-over test_acc, the paired
-mean difference to random+asha with its standard error, the median best val_acc found, the
-mean winner's curse (found minus handed over) and the median epochs spent. The last line says
-on how many tasks the default hands over at least what random+asha does at every budget, and
-at twice its trials (the default at N trials against random+asha at 2N), where "at least"
-means the paired mean difference plus two standard errors is >= 0.
+space: since 2026-12-07 random search with the recipes first), its variants (FIFO, another
+reduction factor, a confirm stage), TPE (the default before, and with another startup or no
+recipes), GP, random+asha and random+fifo (random search alone), `1-epoch-top-k` (every
+configuration trained 1 epoch, the best quarter to the end: arXiv 2307.15422) and `recipe`
+(TrainConfig's defaults, the guides' recipe, as one trial). Every strategy replays the same
+seeds, so differences are paired: for each task and budget (trials) it prints each
+strategy's mean handed-over test_acc, the paired mean difference to random+asha with its
+standard error, the median best val_acc found, the mean winner's curse (found minus handed
+over) and the median epochs spent. The last line says on how many tasks the default hands
+over at least what random+asha does at every budget, and at twice its trials (the default at
+N trials against random+asha at 2N), where "at least" means the paired mean difference plus
+two standard errors is >= 0.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class Asha:
 class Strategy:
     sampler: str | None = None  # a make_sampler name; None: the space's
     asha: bool = True
-    priors: bool = True  # enqueue the recipes as the driver does (never for random)
+    priors: bool = True  # enqueue the recipes as the driver does (on a pretrained backbone)
     startup: Callable[[int], int] | None = None  # TPE's random trials of a search; None: ours
     grace_period: int | None = None  # ASHA's first rung; None: the space's
     reduction_factor: float | None = None
@@ -115,21 +117,23 @@ class Strategy:
             reduction_factor=self.reduction_factor or scheduler.reduction_factor)
 
 
+def half_the_trials(trials: int) -> int:
+    return max(2, trials // 2)
+
+
 STRATEGIES: dict[str, Strategy] = {
     "default": Strategy(),
-    "random+asha": Strategy("random"),
-    "random+fifo": Strategy("random", asha=False),
-    "tpe-startup-half": Strategy(startup=lambda trials: max(2, trials // 2)),
-    "tpe-startup-2": Strategy(startup=lambda trials: 2),
-    "gp": Strategy("gp"),
-    "default-no-priors": Strategy(priors=False),
-    "default-grace-1": Strategy(grace_period=1),
+    "random+asha": Strategy("random", priors=False),
+    "random+fifo": Strategy("random", asha=False, priors=False),
+    "default-fifo": Strategy(asha=False),
+    "default-rf-2": Strategy(reduction_factor=2),
     "default-rf-3": Strategy(reduction_factor=3),
-    "random+priors": Strategy(startup=lambda trials: trials),  # TPE that never models
-    "random+priors-rf-3": Strategy(startup=lambda trials: trials, reduction_factor=3),
-    "random+asha-rf-3": Strategy("random", reduction_factor=3),
+    "tpe": Strategy("tpe"),
+    "tpe-startup-half": Strategy("tpe", startup=half_the_trials),
+    "tpe-no-priors": Strategy("tpe", priors=False),
+    "gp": Strategy("gp"),
     "default+confirm-2": Strategy(confirm=2),
-    "random+asha+confirm-2": Strategy("random", confirm=2),
+    "random+asha+confirm-2": Strategy("random", priors=False, confirm=2),
 }
 BASELINES = ("1-epoch-top-k", "recipe")
 REFERENCE = "random+asha"
@@ -230,9 +234,8 @@ def replay(runs: Runs, space: SearchSpace, data_source: str, strategy: Strategy,
                          f"{strategy.confirm} x {strategy.confirm_seeds}")
     searcher = StudySearch(DefineByRun(space), objective, space.mode,
                            sampler=strategy.make_sampler(space.sampler, seed, search_trials))
-    if strategy.priors:  # as the driver, which reads the sampler from the space
-        enqueue_priors(searcher.study, dataclasses.replace(
-            space, sampler=strategy.sampler or space.sampler), data_source)
+    if strategy.priors:
+        enqueue_priors(searcher.study, space, data_source)
     scheduler = strategy.scheduler(space.scheduler)
     asha = Asha(scheduler) if strategy.asha else None
     rng = np.random.default_rng([seed, 1])  # which seed each run trains with

@@ -19,8 +19,9 @@ def make_sampler(name: str, seed: int, trials: int) -> optuna.samplers.BaseSampl
         # constant_liar keeps parallel trials from sampling the same point. Independent
         # TPE, not Optuna 5's multivariate default: as good or better on the single-seed
         # curves of 2026-12-05 (not rechecked since). On the noisy tables of 2026-12-07 it
-        # handed over a better model than random search at 8 trials only (README: How the
-        # default search spends its trials).
+        # handed over a better model than random search at 8 trials only, so spaces sample
+        # at random unless they say otherwise (README: How the default search spends its
+        # trials).
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup_trials(trials),
                                           multivariate=False, constant_liar=True)
     if name == "cmaes":

@@ -40,13 +40,13 @@ def test_priors_are_clipped_into_the_space_and_equal_ones_tried_once() -> None:
 
 @pytest.mark.parametrize(("sampler", "weights"), [("tpe", "imagenet"), ("random", "imagenet"),
                                                   ("tpe", "none")])
-def test_a_study_asks_the_priors_first_except_random_search_or_from_random_weights(
+def test_a_study_asks_the_priors_first_whichever_the_sampler_except_from_random_weights(
         sampler: str, weights: str) -> None:
     quick = load_space("quick")
     space = quick.replace(sampler=sampler, fixed={**quick.fixed, "weights": weights})
     study = optuna.create_study()
     enqueued = enqueue_priors(study, space, "digits")
-    tried = sampler != "random" and weights != "none"
+    tried = weights != "none"
     assert enqueued == (len(PRIORS) if tried else 0)
     define = DefineByRun(space)
     first = [define(study.ask()) for _ in range(len(PRIORS))]

@@ -151,7 +151,7 @@ def test_replay_counts_every_epoch_draws_noisy_runs_and_asha_stops_some(table: T
         - {0.0} != set()
 
 
-def test_the_recipes_go_first_for_tpe_and_never_for_random_as_the_driver_enqueues_them(
+def test_the_recipes_go_first_in_the_default_and_tpe_and_never_in_random_search_alone(
         table: Table) -> None:
     pretrained = dataclasses.replace(table.space, fixed={**table.space.fixed,
                                                          "weights": "imagenet"})
@@ -174,8 +174,9 @@ def test_the_recipes_go_first_for_tpe_and_never_for_random_as_the_driver_enqueue
         keys = {param.name for param in pretrained.params}
         return [{k: v for k, v in c.items() if k in keys} for c in runs.sampled[:len(recipes)]]
 
-    assert first_trials("default") == recipes == first_trials("random+priors")
+    assert first_trials("default") == recipes == first_trials("tpe")
     assert all(config not in recipes for config in first_trials("random+asha"))
+    assert all(config not in recipes for config in first_trials("tpe-no-priors"))
 
 
 def test_a_confirm_stage_hands_over_the_best_mean_of_other_seeds_and_pays_for_it(

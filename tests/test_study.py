@@ -423,14 +423,15 @@ def test_warm_start_enqueues_the_best_configs_clipped_and_keeps_the_fitting_tria
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> Iterator[Path]:
-    """A finished search of 8 trials of the quick space on digits at 16px, 1 epoch each: ASHA
-    stops each trial on that epoch, so Tune passes its only result to the searcher's
+    """A finished search of 8 trials of the quick space with TPE on digits at 16px, 1 epoch
+    each: ASHA stops each trial on that epoch, so Tune passes its only result to the searcher's
     on_trial_complete alone."""
     storage = tmp_path_factory.mktemp("study")
     quick = load_space("quick")
     space = storage / "quick-1-epoch.yaml"
     space.write_text(re.sub(r"(?m)^scheduler: .*$",
-                            "scheduler: {name: asha, max_epochs: 1, grace_period: 1}", quick.text))
+                            "scheduler: {name: asha, max_epochs: 1, grace_period: 1}",
+                            quick.text.replace("sampler: random", "sampler: tpe")))
     with pytest.MonkeyPatch.context() as monkeypatch:  # _isolated_cache is per test
         monkeypatch.setenv("RESNET_HPO_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
         main(["search", "--space", str(space), "--data", "digits", "--resolution", "16",
