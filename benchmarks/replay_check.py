@@ -64,40 +64,61 @@ class Stopped(Exception):
 
 
 class LiveRun:
-    """A fit in a thread of its own that trains one epoch each time the search asks for one."""
+    """A fit in a thread of its own that trains one epoch each time the search asks for one.
+    The epochs another run of the same configuration and seed already trained are its
+    values without training them again (`fit` on the CPU is deterministic under its seed);
+    a run that needs more trains from the start, its first epochs not reported twice."""
 
     def __init__(self, runs: LiveRuns, sampled: dict[str, Any], seed: int):
+        self.runs, self.sampled, self.seed = runs, sampled, seed
+        self.key = (*config_of(runs.table.space, sampled), seed)
+        self.trained = list(runs.live.get(self.key, []))
+        self.known = len(self.trained)
         self.times = runs.table.runs[runs.table.nearest(sampled)][seed].epoch_time_s
         self.asks: queue.Queue[bool] = queue.Queue()
         self.values: queue.Queue[float] = queue.Queue()
-        self.thread = threading.Thread(target=self.train, args=(runs, sampled, seed),
-                                       daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
 
-    def train(self, runs: LiveRuns, sampled: dict[str, Any], seed: int) -> None:
+    def train(self) -> None:
+        reported = 0
+
         def report(metrics: dict[str, float], _: object) -> None:
+            nonlocal reported
+            reported += 1
+            if reported <= self.known:
+                return
             self.values.put(metrics["val_acc"])
             if not self.asks.get():
                 raise Stopped
 
         try:
-            fit(runs.config(sampled, seed), report, data=runs.data, device="cpu")
+            fit(self.runs.config(self.sampled, self.seed), report, data=self.runs.data,
+                device="cpu")
         except Stopped:
             pass
         except TrainingDiverged:
             self.values.put(math.nan)
 
     def epoch(self, index: int) -> float:
-        if index:
-            self.asks.put(True)
+        if index >= self.known:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.train, daemon=True)
+                self.thread.start()
+            elif index:
+                self.asks.put(True)
         return float(self.times[min(index, len(self.times) - 1)])
 
     def value(self, index: int) -> float:
-        return self.values.get()
+        if index >= len(self.trained):
+            self.trained.append(self.values.get())
+        return self.trained[index]
 
     def stop(self) -> None:
-        self.asks.put(False)
-        self.thread.join()
+        if self.thread is not None:
+            self.asks.put(False)
+            self.thread.join()
+        if len(self.trained) > len(self.runs.live.get(self.key, [])):
+            self.runs.live[self.key] = self.trained
 
 
 class LiveRuns(TableRuns):
@@ -109,6 +130,7 @@ class LiveRuns(TableRuns):
         self.data, self.fixed = data, fixed
         self.pool = ThreadPoolExecutor(workers)
         self.full: dict[tuple[Any, ...], Curve] = {}
+        self.live: dict[tuple[Any, ...], list[float]] = {}  # val_acc by epoch, trained so far
 
     def config(self, sampled: dict[str, Any], seed: int) -> Any:
         return self.table.space.config({**self.fixed, **sampled, "seed": seed})

@@ -240,11 +240,22 @@ def test_the_check_runs_the_replayed_searches_on_real_training(
     assert "predicted" in out and "real: random+asha - random+fifo" in out
     # every real run ended: no fit thread is left waiting for its next epoch
     assert live.full and all(len(c.val_acc) == 4 for c in live.full.values())
-    run = live.start({"lr": 0.1, "flip": "none", "crop": "pad"}, 0)
+    # a run trains the epochs no run of its configuration and seed trained before
+    live.live.clear()
+    sampled = {"lr": 0.1, "flip": "none", "crop": "pad"}
+    run = live.start(sampled, 0)
     assert run.epoch(0) == pytest.approx(1.1)
-    assert 0 <= run.value(0) <= 1
+    first = run.value(0)
+    assert 0 <= first <= 1
     run.stop()
-    assert not run.thread.is_alive()
+    assert run.thread is not None and not run.thread.is_alive()
+    again = live.start(sampled, 0)
+    again.epoch(0)
+    assert again.value(0) == first and again.thread is None
+    again.epoch(1)
+    assert 0 <= again.value(1) <= 1 and again.thread is not None
+    again.stop()
+    assert not again.thread.is_alive() and len(live.live[again.key]) == 2
 
 
 @pytest.mark.slow
