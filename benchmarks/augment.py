@@ -1,7 +1,7 @@
 """Images per second of the batched augmentation policies (`trainable.autoaugment`) against
 torchvision's v2 policies applied image by image, on the same device and images.
 
-    python benchmarks/augment.py [--device cpu|cuda] [--sizes 32,224] [--batch-size 128]
+    python -m benchmarks.augment [--device cpu|cuda] [--sizes 32,224] [--batch-size 128]
 
 A DataLoader worker runs torchvision's TrivialAugmentWide or RandAugment on one image at a
 time; resnet-hpo runs the same policy on a whole uint8 batch, each image with its own draws.
@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import sys
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

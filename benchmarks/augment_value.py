@@ -3,7 +3,7 @@ ResNet18 from random weights on digits at 30 images a class, over several traini
 with no policy, TrivialAugment, RandAugment, random erasing and a moving average of the
 weights, on the CPU.
 
-    nice -n 10 python benchmarks/augment_value.py [--seeds 5] [--epochs 15] [--per-class 30]
+    nice -n 10 python -m benchmarks.augment_value [--seeds 5] [--epochs 15] [--per-class 30]
         [--workers 2]
 
 Every run is a `fit` of the same base config (32px, batch 32, SGD lr 0.05 with a warmup
@@ -21,13 +21,9 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

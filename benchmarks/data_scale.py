@@ -1,8 +1,8 @@
 """The decoded-data file at scale: the driver's memory, the decode rate and the data path's
 speed as the number of images grows, and a search whose data is twice Ray's object store.
 
-    python benchmarks/data_scale.py [--sizes 5000,20000,80000] [--resolution 64]
-    python benchmarks/data_scale.py --search [--object-store-mb 80]
+    python -m benchmarks.data_scale [--sizes 5000,20000,80000] [--resolution 64]
+    python -m benchmarks.data_scale --search [--object-store-mb 80]
 
 For each N, N generated JPEGs (90% train, 10% val, class-per-folder; generating them is not
 timed) are decoded by `decode_dataset` in a fresh process, as the search driver does, which
@@ -40,8 +40,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
@@ -105,8 +103,9 @@ def decode_child(root: Path, resolution: int) -> None:
 
 
 def run_child(*args: str, env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, check=False)
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_scale", *args],
+                          capture_output=True, text=True, env={**os.environ, **env},
+                          check=False)
     if done.returncode:
         raise SystemExit(f"child {args} failed:\n{done.stdout}\n{done.stderr}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -272,8 +271,8 @@ def one_search(tmp: Path, source: str, args: argparse.Namespace
     sampler = MapSampler(cache / "decoded")
     sampler.start()
     driver = subprocess.Popen(
-        [sys.executable, __file__, "--search-driver", source, str(runs), "--resolution",
-         str(args.resolution), "--object-store-mb", str(args.object_store_mb)],
+        [sys.executable, "-m", "benchmarks.data_scale", "--search-driver", source, str(runs),
+         "--resolution", str(args.resolution), "--object-store-mb", str(args.object_store_mb)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "RESNET_HPO_CACHE": str(cache)})
     out, err = driver.communicate()

@@ -6,7 +6,7 @@ letter-like glyphs, each searched with the quick space (which searches `flip` an
 - mirrored-test: three classes (L, F, P) drawn upright in train but mirrored half of the
   time in val and test. Flipping during training shows the model the mirrored views.
 
-    python benchmarks/flip_search.py [--trials 8] [--per-class 300] [--output DIR]
+    python -m benchmarks.flip_search [--trials 8] [--per-class 300] [--output DIR]
 
 For each set the script runs `resnet-hpo search --space quick`, then `resnet-hpo best`'s
 retrain command, and the same command with `--flip none` and with `--flip horizontal`, and
@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import yaml

@@ -1,7 +1,7 @@
 """Per-epoch time of a trial whose frozen stages run once (`trainable.frozen`) against the
 same trial running them in every epoch, on the CPU.
 
-    python benchmarks/frozen.py [--images 400] [--resolution 32] [--epochs 3]
+    python -m benchmarks.frozen [--images 400] [--resolution 32] [--epochs 3]
 
 Both run `trainable.fit` with random weights, no crop, no flip and no mixing on digits,
 first at unfreeze depth 1 (layer4 and fc train), then as a linear probe (depth 0, fc only).
@@ -19,11 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

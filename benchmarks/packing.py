@@ -1,6 +1,6 @@
 """How many trials should share one GPU? Aggregate images/s of N concurrent trials.
 
-    python benchmarks/packing.py --device cuda [--trials 1,2,4,8] [--resolution 32]
+    python -m benchmarks.packing --device cuda [--trials 1,2,4,8] [--resolution 32]
 
 For each N, starts N processes that each run `trainable.fit` on the same generated data
 (what Ray does with `--gpus-per-trial 1/N`: fractional GPUs only place N trial processes on
@@ -18,14 +18,10 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
-import sys
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Barrier
-from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

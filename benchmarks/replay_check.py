@@ -3,7 +3,7 @@ loop, the project's searcher, samplers, priors and ASHA, the same slots and seed
 task's table and once with every run a real `trainable.fit` of the sampled configuration as
 the sampler drew it (not snapped to the table), no Ray.
 
-    python benchmarks/replay_check.py [--tasks digits_hard,transfer] [--seeds 25]
+    python -m benchmarks.replay_check [--tasks digits_hard,transfer] [--seeds 25]
         [--trials 10] [--strategies default,random+asha] [--tables benchmarks/data]
         [--workers 2]
 
@@ -27,15 +27,12 @@ import argparse
 import math
 import os
 import queue
-import sys
 import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import optuna

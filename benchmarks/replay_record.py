@@ -2,7 +2,7 @@
 configuration of a task's design (benchmarks/replay_table.py) trained by `trainable.fit` (no
 Ray) with several seeds for the space's max_epochs, each epoch's val_acc, test_acc and seconds.
 
-    python benchmarks/replay_record.py [--tasks digits_hard,shapes,transfer,transfer_wide]
+    python -m benchmarks.replay_record [--tasks digits_hard,shapes,transfer,transfer_wide]
         [--seeds 3] [--points N] [--workers 2] [--output benchmarks/data] [--limit N]
 
 Tasks (the space file says the ranges, the scheduler and the fixed keys):
@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -39,8 +38,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import optuna

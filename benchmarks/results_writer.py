@@ -2,7 +2,7 @@
 callback that keeps trials.parquet and epochs.parquet current, costs the same per result at
 the end of a long search as at its start, and how much of the driver's time its flushes take.
 
-    python benchmarks/results_writer.py [--trials 1000] [--epochs 30] [--concurrent 4]
+    python -m benchmarks.results_writer [--trials 1000] [--epochs 30] [--concurrent 4]
         [--window 1000] [--repeats 1]
 
 No Ray cluster: the real callback class is driven by hand, in the order Tune's driver calls
@@ -60,15 +60,11 @@ import platform
 import random
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import search.results_writer as results_writer
 from search.results_writer import ResultsWriter

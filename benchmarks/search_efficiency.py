@@ -1,7 +1,7 @@
 """Search efficiency on digits: the best val_acc reached against the epochs spent, for
 TPE+ASHA, random+ASHA and random+FIFO with the same space, number of trials and seeds.
 
-    python benchmarks/search_efficiency.py [--space benchmarks/digits_hard.yaml]
+    python -m benchmarks.search_efficiency [--space benchmarks/digits_hard.yaml]
         [--trials 10] [--seed 0] [--repeats 3] [--max-epochs N] [--resolution PX]
         [--storage DIR] [--output DIR] [--strategies tpe+asha,random+asha,random+fifo]
 
@@ -49,8 +49,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -2,7 +2,7 @@
 enough paired seeds to tell strategies apart (the idea of LCBench, HPOBench and Syne Tune's
 simulated backend), judged by the model each search hands over.
 
-    python benchmarks/search_replay.py [--tables benchmarks/data] [--budgets 8,16,32,64]
+    python -m benchmarks.search_replay [--tables benchmarks/data] [--budgets 8,16,32,64]
         [--seeds 100] [--slots 2] [--strategies default,random+asha,...] [--workers 2]
 
 A table (benchmarks/replay_table.py, recorded by benchmarks/replay_record.py) holds every
@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import heapq
 import statistics
-import sys
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -52,8 +51,6 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import optuna

@@ -1,7 +1,7 @@
 """Training throughput of `trainable.fit` against the plain loop of the classic fine-tuning
 guides, on the same images, batch size, resolution and number of steps.
 
-    python benchmarks/throughput.py --device cpu|cuda [--data-only] [--compile]
+    python -m benchmarks.throughput --device cpu|cuda [--data-only] [--compile]
 
 (a) ours: the images are decoded once into a uint8 array (timed and printed apart), then
     `trainable.fit` trains from it: batches gathered on the device, augmented there in one
@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch

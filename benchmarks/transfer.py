@@ -1,7 +1,7 @@
 """Which fine-tuning strategy for which data: the test accuracy and time of five ways to
 train ResNet18 on a target, from a backbone pretrained here, on the CPU.
 
-    python benchmarks/transfer.py [--sizes 10,30,100] [--epochs 12] [--trials 8] [--quick]
+    python -m benchmarks.transfer [--sizes 10,30,100] [--epochs 12] [--trials 8] [--quick]
 
 No ImageNet weights can be downloaded here, so the source is digits 0-4 at 16px: `fit` from
 random weights, saved as `resnet-hpo train` saves a model; its directory is the `weights`
@@ -25,15 +25,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import optuna

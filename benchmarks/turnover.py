@@ -1,10 +1,10 @@
 """Trial turnover: how long a slot idles between one trial's last epoch and the next trial's
 first, and where that time goes.
 
-    python benchmarks/turnover.py [--space benchmarks/turnover.yaml] [--data digits]
+    python -m benchmarks.turnover [--space benchmarks/turnover.yaml] [--data digits]
         [--trials 16] [--seed 0] [--gpus-per-trial F] [--cpus-per-trial C]
         [--max-concurrent K] [--storage DIR|s3://...] [--s3] [--nodes N] [--output FILE]
-    python benchmarks/turnover.py --run RUN_DIR     # the figures of a finished search
+    python -m benchmarks.turnover --run RUN_DIR     # the figures of a finished search
 
 Runs one real `resnet-hpo search` through the project's driver on a local Ray of its own
 (its workers at normal priority, so that other load on a shared machine starves them no
@@ -55,8 +55,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from search.rundir import EPOCHS_FILE, RunDir
 

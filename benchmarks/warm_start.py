@@ -1,7 +1,7 @@
 """Warm start on digits: does a search started from an earlier run (`--warm-start`) reach
 a cold search's best val_acc with fewer epochs than the cold search?
 
-    python benchmarks/warm_start.py [--space benchmarks/digits_hard.yaml] [--trials 8]
+    python -m benchmarks.warm_start [--space benchmarks/digits_hard.yaml] [--trials 8]
         [--source-trials 8] [--warm-start-top 4] [--seed 0] [--repeats 3] [--max-epochs N]
         [--resolution PX] [--storage DIR] [--output DIR]
 
@@ -25,9 +25,6 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.search_efficiency import (
     Run,

@@ -25,7 +25,7 @@ TINY = ["--device", "cpu", "--resolution", "16", "--batch-size", "8", "--steps",
 
 
 def run_script(name: str, *args: str) -> list[str]:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / name), *args],
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name.removesuffix('.py')}", *args],
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()
