@@ -219,3 +219,30 @@ def stopped(pid: int) -> Iterator[None]:
     finally:
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def all_at_the_node_lock(monkeypatch: pytest.MonkeyPatch, threads: int) -> Callable[[], None]:
+    """A wait that returns once `threads` threads have asked for trainable.data_file's node
+    lock (fcntl.flock): called by the thread holding it, it makes the others wait on the lock
+    for as long as the holder works, however the threads are scheduled."""
+    import fcntl
+    import threading
+
+    asked = threading.Condition()
+    count = 0
+    flock = fcntl.flock
+
+    def counting_flock(fd: Any, operation: int) -> None:
+        nonlocal count
+        if operation == fcntl.LOCK_EX:
+            with asked:
+                count += 1
+                asked.notify_all()
+        flock(fd, operation)
+
+    def wait() -> None:
+        with asked:
+            assert asked.wait_for(lambda: count >= threads, timeout=60), count
+
+    monkeypatch.setattr(fcntl, "flock", counting_flock)
+    return wait

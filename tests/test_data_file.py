@@ -23,7 +23,7 @@ import torch
 import trainable.data
 import trainable.data_file
 import trainable.train as train_module
-from tests.conftest import write_class_tree
+from tests.conftest import all_at_the_node_lock, write_class_tree
 from trainable import Dataset, Split, TrainConfig, UserError, fit, load_dataset
 from trainable.data import DecodedData, decode_dataset
 from trainable.data_file import IMAGES_FILE, META_FILE, RUN_DATA_DIR, Progress
@@ -150,9 +150,11 @@ def test_a_node_fetches_published_data_once_while_its_trials_wait(
     copy_file = trainable.data_file.copy_file
     fetched: list[str] = []
 
+    others_waiting = all_at_the_node_lock(monkeypatch, 4)
+
     def slow_copy_file(*args: Any, **kwargs: Any) -> None:
         fetched.append(args[1])
-        time.sleep(0.2)  # the other trials arrive while the first one fetches
+        others_waiting()  # the other trials wait on the lock while the first one fetches
         copy_file(*args, **kwargs)
 
     monkeypatch.setattr(trainable.data_file, "copy_file", slow_copy_file)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 import trainable.frozen as frozen
 import trainable.model as model_module
 import trainable.train as train_module
-from tests.conftest import patch_build_model
+from tests.conftest import all_at_the_node_lock, patch_build_model
 from trainable import Dataset, Split, TrainConfig, UserError, fit, load_dataset
 from trainable.augment import normalize
 from trainable.data import cache_dir
@@ -221,14 +220,16 @@ def test_a_killed_writers_files_are_never_read(tmp_path: Path,
     assert torch.allclose(stored.float(), expected.float(), atol=1e-2)
 
 
-def test_concurrent_trials_of_a_node_compute_the_outputs_once(tmp_path: Path) -> None:
+def test_concurrent_trials_of_a_node_compute_the_outputs_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = {name: DeviceImages(Split(np.zeros((n, 3, 2, 2), np.uint8), np.arange(n)),
                                  torch.device("cpu")) for name, n in (("train", 5), ("val", 2))}
     computed: list[int] = []
+    others_waiting = all_at_the_node_lock(monkeypatch, 4)
 
     def slow_fill(split: DeviceImages, out: torch.Tensor) -> torch.Tensor:
         computed.append(len(split))
-        time.sleep(0.2)  # the other trials arrive while the first one computes
+        others_waiting()  # the other trials wait on the lock while the first one computes
         return out.copy_(torch.arange(out.numel(), dtype=out.dtype).view(out.shape))
 
     results: list[dict[str, torch.Tensor]] = []
