@@ -52,8 +52,8 @@ from spaces import DefineByRun, SearchSpace, load_space
 from trainable import Dataset, TrainingDiverged, configure_torch, fit
 from trainable.data import load_dataset
 from trainable.device_images import DeviceImages
+from trainable.model_files import MODEL_FILE
 from trainable.runtime import Runtime
-from trainable.saved import MODEL_FILE
 from trainable.train import evaluate
 
 BENCHMARKS = Path(__file__).resolve().parent

@@ -36,8 +36,9 @@ from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
 from trainable.model import ImageClassifier
+from trainable.model_files import ENSEMBLE_ONNX_FILE
 from trainable.ranking import best_of, metric_mode
-from trainable.saved import ENSEMBLE_ONNX_FILE, load_checkpoint_dir, save_ensemble_dir
+from trainable.saved import load_checkpoint_dir, save_ensemble_dir
 from trainable.storage import local_dir
 
 

@@ -28,8 +28,9 @@ from ray.tune.experiment import Trial
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
 from search.study import push_journal
 from trainable.config import TrainConfig
+from trainable.model_files import TRIAL_EPOCHS_FILE
 from trainable.ranking import best_epoch_row
-from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs
+from trainable.saved import parse_trial_epochs
 from trainable.storage import is_uri
 
 FLUSH_EVERY_S = 10.0

@@ -11,8 +11,9 @@ from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
 from trainable.device_images import DeviceImages
 from trainable.errors import UserError
+from trainable.model_files import MODEL_FILE, MODEL_ONNX_FILE
 from trainable.runtime import Runtime
-from trainable.saved import MODEL_FILE, MODEL_ONNX_FILE, save_model_dir
+from trainable.saved import save_model_dir
 from trainable.train import SaveCheckpoint, evaluate
 
 

@@ -27,7 +27,7 @@ import zipfile
 import pyarrow.fs as pafs
 
 from search.rundir import RunDir
-from trainable.saved import CHECKPOINT_FILE, CONFIG_FILE, TRIAL_EPOCHS_FILE
+from trainable.model_files import CHECKPOINT_FILE, CONFIG_FILE, TRIAL_EPOCHS_FILE
 
 # (pattern, format) of the files Tune restores from; of each pattern Tune reads the newest
 # by name (the names hold the session's start time).

@@ -21,8 +21,8 @@ from trainable.augment import normalize
 from trainable.data import cache_dir
 from trainable.device_images import DeviceImages
 from trainable.model import build_model, split_frozen
+from trainable.model_files import CHECKPOINT_FILE
 from trainable.runtime import Runtime
-from trainable.saved import CHECKPOINT_FILE
 from trainable.train import SaveCheckpoint
 
 PLAIN: dict[str, Any] = {"crop": "none", "flip": "none"}  # not augmented: outputs cached

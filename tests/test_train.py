@@ -14,8 +14,8 @@ from trainable import Dataset, Split, TrainConfig, TrainingDiverged, UserError, 
 from trainable.augment import normalize
 from trainable.device_images import DeviceImages
 from trainable.model import ImageClassifier, build_model
+from trainable.model_files import CHECKPOINT_FILE
 from trainable.runtime import Runtime
-from trainable.saved import CHECKPOINT_FILE
 from trainable.train import SaveCheckpoint, predict_outputs
 
 METRIC_KEYS = {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_s",

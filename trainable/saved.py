@@ -6,7 +6,8 @@
     ensemble (resnet-hpo ensemble)      ensemble.yaml, ensemble.pt (state dict), metrics.json
 
 `load_classifier` opens any of them as one module that takes float RGB images in [0, 1]
-and returns class probabilities. A missing or malformed file is one UserError naming it.
+and returns class probabilities. A missing or malformed file is one UserError naming it. The
+file names live in trainable/model_files.py.
 """
 
 from __future__ import annotations
@@ -25,18 +26,18 @@ from trainable.config import TrainConfig, read_yaml_mapping
 from trainable.errors import UserError
 from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
 from trainable.model import ImageClassifier, build_model
+from trainable.model_files import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    ENSEMBLE_CONFIG_FILE,
+    ENSEMBLE_WEIGHTS_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    TRIAL_EPOCHS_FILE,
+)
 from trainable.ranking import best_epoch_row, metric_mode
 from trainable.weights import load_torch_file
 
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-TRIAL_EPOCHS_FILE = "epochs.json"
-ENSEMBLE_CONFIG_FILE = "ensemble.yaml"
-ENSEMBLE_WEIGHTS_FILE = "ensemble.pt"
-MODEL_ONNX_FILE = "model.onnx"
-ENSEMBLE_ONNX_FILE = "ensemble.onnx"
 _COPIED_WHOLE = "was it written by resnet-hpo and copied whole?"  # advice on an unreadable file
 
 

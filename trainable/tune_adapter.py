@@ -29,9 +29,10 @@ from ray import tune
 
 from trainable.config import TrainConfig
 from trainable.data import DecodedData
+from trainable.model_files import TRIAL_EPOCHS_FILE
 from trainable.ranking import best_epoch_row, metric_mode, objective_name
 from trainable.runtime import configure_torch
-from trainable.saved import TRIAL_EPOCHS_FILE, parse_trial_epochs, write_trial_epochs
+from trainable.saved import parse_trial_epochs, write_trial_epochs
 from trainable.train import SaveCheckpoint, TrainingDiverged, fit
 
 

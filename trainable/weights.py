@@ -22,6 +22,7 @@ import torch
 from torchvision.models import ResNet, ResNet18_Weights
 
 from trainable.errors import UserError
+from trainable.model_files import CHECKPOINT_FILE, MODEL_FILE
 from trainable.storage import local_copy
 
 ALLOWED = ("use imagenet, none, or ResNet18 weights: a state-dict file, a model directory "
@@ -50,9 +51,6 @@ def read_weights(location: str) -> dict[str, torch.Tensor]:
 def weights_file(path: Path) -> Path:
     """The file that holds the weights of `path`: itself, or a directory's model.pt or
     checkpoint.pt."""
-    # saved.py builds its models with trainable.model, which loads weights here
-    from trainable.saved import CHECKPOINT_FILE, MODEL_FILE
-
     if not path.is_dir():
         return path
     for name in (MODEL_FILE, CHECKPOINT_FILE):

@@ -1,0 +1,62 @@
+"""The layout: which project modules import which (read from the source, imports inside
+functions included), so that a change that ties the packages in a knot fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(package: str) -> dict[str, set[str]]:
+    """module -> the modules of `package` it imports, anywhere in its source."""
+    modules = {module_name(p): p for p in (REPO / package).rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            imported |= {t for t in targets if t in modules and t != name}
+        graph[name] = imported
+    return graph
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `graph`, or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return path[path.index(node):] + [node]
+        if node in done:
+            return None
+        for target in sorted(graph[node]):
+            if found := visit(target, [*path, node]):
+                return found
+        done.add(node)
+        return None
+
+    return next((c for node in sorted(graph) if (c := visit(node, []))), None)
+
+
+@pytest.mark.parametrize("package", ["trainable", "spaces"])
+def test_a_package_imports_its_modules_without_a_cycle(package: str) -> None:
+    assert cycle(project_imports(package)) is None
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
