@@ -57,13 +57,14 @@ from pathlib import Path
 from typing import Any
 
 from search.rundir import EPOCHS_FILE, RunDir
+from trainable import result_keys
 
 TASK = Path(__file__).resolve().with_name("turnover.yaml")
 
 # The phases of a turnover, in order, each from the end of the one before: (name, the event
 # that ends it). Together they add up to the turnover.
 PHASES = (
-    ("checkpoint written", "checkpoint_written"),
+    ("checkpoint written", result_keys.CHECKPOINT_WRITTEN),
     ("to storage, result to driver", "result_received"),
     ("Tune ends the trial", "trial_ended"),
     ("next trial's actor ready", "trial_started"),
@@ -138,10 +139,10 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
                             result: dict[str, Any], **info: Any) -> None:
             events = recorder.trials[trial.trial_id]
             events["result_received"] = time.time()  # the latest: the last epoch's
-            if "checkpoint_written" in result:
-                events["checkpoint_written"] = result["checkpoint_written"]
-            if "startup" in result and "entered" not in events:
-                events.update(result["startup"])
+            if result_keys.CHECKPOINT_WRITTEN in result:
+                events[result_keys.CHECKPOINT_WRITTEN] = result[result_keys.CHECKPOINT_WRITTEN]
+            if result_keys.STARTUP in result and "entered" not in events:
+                events.update(result[result_keys.STARTUP])
             super().on_trial_result(iteration, trials, trial, result, **info)
 
         def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
@@ -205,7 +206,7 @@ def turnovers(trials: dict[str, TrialTimes], slots: list[list[str]],
             events: dict[str, float] = {"last_epoch_end": end, "first_epoch_start": start}
             if recorder is not None:
                 old, new = recorder.trials.get(before, {}), recorder.trials.get(after, {})
-                for key in ("checkpoint_written", "result_received", "trial_ended"):
+                for key in (result_keys.CHECKPOINT_WRITTEN, "result_received", "trial_ended"):
                     if key in old:
                         events[key] = old[key]
                 for key in ("trial_started", "entered", "torch_configured", "data_opened"):

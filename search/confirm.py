@@ -21,6 +21,7 @@ from typing import Any
 
 from search.best import trial_config
 from search.rundir import TRIALS_FILE, SearchRun, Trial
+from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.errors import UserError
 from trainable.ranking import best_of
@@ -79,7 +80,7 @@ class ConfirmPlan:
         chosen: list[Trial] = []
         seen: list[TrainConfig] = []
         for trial in run.ranked:
-            if trial["status"] != "TERMINATED":
+            if trial["status"] != result_keys.TERMINATED:
                 continue
             cfg = normalised(run_config(run, trial), epochs)
             if cfg not in seen:

@@ -38,6 +38,7 @@ from search.study_search import StudySearch
 from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
 from search.warm_start import WarmStart, plan_warm_start
 from spaces import DefineByRun, SearchSpace
+from trainable import result_keys
 from trainable.data import Dataset, DecodedData, decode_dataset
 from trainable.errors import UserError
 
@@ -252,7 +253,7 @@ def check_finished(run: RunDir, meta: dict[str, Any]) -> None:
     """--add-trials goes on from a finished search only: an interrupted one has trials that
     only --resume can finish."""
     rows = run.read_table(TRIALS_FILE).to_pylist() if run.exists(TRIALS_FILE) else []
-    done = sum(row["status"] in ("TERMINATED", "ERROR") for row in rows)
+    done = sum(row["status"] in result_keys.ENDED for row in rows)
     # trials is None while a search that only a budget ends runs (record_end sets it)
     if meta["trials"] is None or done < meta["trials"]:
         of = "" if meta["trials"] is None else f" of {meta['trials']}"
@@ -396,11 +397,11 @@ def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
 
 def interrupted(rows: list[dict[str, Any]]) -> bool:
     """Whether any trial of `rows` (trials.parquet) is still to run."""
-    return any(row["status"] not in ("TERMINATED", "ERROR") for row in rows)
+    return any(row["status"] not in result_keys.ENDED for row in rows)
 
 
 def stopped_early(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if r["status"] == "TERMINATED" and r["stopped_early"]]
+    return [r for r in rows if r["status"] == result_keys.TERMINATED and r["stopped_early"]]
 
 
 def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
@@ -424,8 +425,8 @@ def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
 def print_summary(search: SearchRun, account: BudgetAccount | None = None) -> None:
     """The summary of the run's trials; with a budget, what it bought."""
     run, rows = search.rundir, search.trials
-    done = [r for r in rows if r["status"] == "TERMINATED"]
-    failed = [r for r in rows if r["status"] == "ERROR"]
+    done = [r for r in rows if r["status"] == result_keys.TERMINATED]
+    failed = [r for r in rows if r["status"] == result_keys.ERROR]
     early = stopped_early(rows)
     gpu_hours = sum(r["gpu_hours"] or 0.0 for r in rows)
     print(f"\n{len(rows)} trials: {len(done) - len(early)} ran all epochs, {len(early)} stopped "

@@ -13,6 +13,7 @@ from search.best import best_trial_lines
 from search.rundir import SearchRun, Trial
 from search.searched import active_values, format_value
 from spaces.space import Param
+from trainable import result_keys
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -25,7 +26,7 @@ def summary(run: SearchRun) -> str:
     lines = [f"run {run.rundir.uri}: {len(run.trials)} trials ({by_status}); {stopped} stopped "
              f"early; {gpu_hours:.3f} GPU-hours in all",
              f"metric {run.metric} ({run.mode}) at each trial's best epoch"]
-    failed = [t for t in run.trials if t["status"] == "ERROR"]
+    failed = [t for t in run.trials if t["status"] == result_keys.ERROR]
     lines += [f"failed: {t['trial_id']}: {t.get('error') or 'no message'}" for t in failed]
     return "\n".join(lines + (best_trial_lines(run) if run.ranked else []))
 
@@ -49,7 +50,7 @@ def leaderboard(run: SearchRun, params: Sequence[Param], top: int) -> str:
 
 
 def status_text(trial: Trial) -> str:
-    if trial["status"] == "RUNNING":
+    if trial["status"] == result_keys.RUNNING:
         return "running"
     return "stopped early" if trial.get("stopped_early") else "done"
 
@@ -86,7 +87,7 @@ def importance_text(run: SearchRun, params: Sequence[Param]) -> str:
 
 
 def finished_trials(run: SearchRun) -> list[Trial]:
-    return [t for t in run.ranked if t["status"] == "TERMINATED"]
+    return [t for t in run.ranked if t["status"] == result_keys.TERMINATED]
 
 
 def importances_of(run: SearchRun, params: Sequence[Param]) -> tuple[dict[str, float], str]:

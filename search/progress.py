@@ -8,6 +8,7 @@ from typing import Any
 from ray import tune
 from ray.tune.experiment import Trial
 
+from trainable import result_keys
 from trainable.config import TrainConfig
 
 
@@ -33,7 +34,7 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict[str, Any], **info: Any) -> None:
-        if "diverged" in result:
+        if result_keys.DIVERGED in result:
             return
         self._print(trial, f"epoch {result['epoch']:>3}/{trial.config['epochs']}  "
                            f"{self.metric} {result[self.metric]:.4f}  "
@@ -42,7 +43,7 @@ class ProgressPrinter(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
         last = trial.last_result or {}
-        if "diverged" in last:
+        if result_keys.DIVERGED in last:
             how = f"failed: {last['diverged']}"
         elif last.get("epoch", 0) < trial.config["epochs"]:
             how = f"stopped early after {last.get('epoch', 0)} epochs"

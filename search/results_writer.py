@@ -27,6 +27,7 @@ from ray.tune.experiment import Trial
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
 from search.study import push_journal
+from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.model_files import TRIAL_EPOCHS_FILE
 from trainable.ranking import best_epoch_row
@@ -78,7 +79,8 @@ class ResultsWriter(tune.Callback):
         for trial in trials:
             if self._restore_rows(trial):
                 known = self.trials.get(trial.trial_id, {}).get("status")
-                self._update(trial, "ERROR" if known == "ERROR" else str(trial.status))
+                self._update(trial, result_keys.ERROR if known == result_keys.ERROR
+                             else str(trial.status))
         self.flush()
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
@@ -90,17 +92,17 @@ class ResultsWriter(tune.Callback):
         # Read the checkpoint's rows even when Tune's last result says the files have them:
         # a checkpoint mended on --resume (search/tune_state.py) holds later epochs.
         self._restore_rows(trial, trust_last_result=False)
-        self._update(trial, "RUNNING")
+        self._update(trial, result_keys.RUNNING)
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict[str, Any], **info: Any) -> None:
-        if "diverged" in result:
-            self._update(trial, "ERROR", error=result["diverged"])
+        if result_keys.DIVERGED in result:
+            self._update(trial, result_keys.ERROR, error=result[result_keys.DIVERGED])
             return
         row = {key: result.get(key) for key in EPOCH_COLUMNS}
         row["trial_id"] = trial.trial_id
         self.epochs.setdefault(trial.trial_id, {})[int(result["epoch"])] = row
-        self._update(trial, "RUNNING")
+        self._update(trial, result_keys.RUNNING)
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial,
                       checkpoint: tune.Checkpoint, **info: Any) -> None:
@@ -111,12 +113,12 @@ class ResultsWriter(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial,
                           **info: Any) -> None:
-        if self.trials.get(trial.trial_id, {}).get("status") != "ERROR":  # diverged stays
-            self._update(trial, "TERMINATED")
+        if self.trials.get(trial.trial_id, {}).get("status") != result_keys.ERROR:  # diverged stays
+            self._update(trial, result_keys.TERMINATED)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
-        self._update(trial, "ERROR", error=_error_line(trial))
+        self._update(trial, result_keys.ERROR, error=_error_line(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush()
@@ -192,7 +194,7 @@ class ResultsWriter(tune.Callback):
         schema = trials_schema()
         rows = [{name: row.get(name) for name in schema.names} for row in self.trials.values()]
         for row in rows:
-            if row["status"] != "TERMINATED":
+            if row["status"] != result_keys.TERMINATED:
                 row["stopped_early"] = False
         run.write_table(TRIALS_FILE, pa.Table.from_pylist(rows, schema=schema))
         epochs = [self.epochs[trial_id][epoch] for trial_id in sorted(self.epochs)

@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from search.rundir import EPOCH_METRICS, TENSORBOARD_DIR, RunDir
 from search.searched import active_values
 from spaces.space import Param
+from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.data import cache_dir
 from trainable.ranking import objective_name
@@ -95,7 +96,7 @@ class TensorBoardWriter(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial,
                         result: dict[str, Any], **info: Any) -> None:
-        if "diverged" in result:
+        if result_keys.DIVERGED in result:
             return
         writer = self._writer(trial)
         step = int(result["epoch"])

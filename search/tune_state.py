@@ -27,6 +27,7 @@ import zipfile
 import pyarrow.fs as pafs
 
 from search.rundir import RunDir
+from trainable import result_keys
 from trainable.model_files import CHECKPOINT_FILE, CONFIG_FILE, TRIAL_EPOCHS_FILE
 
 # (pattern, format) of the files Tune restores from; of each pattern Tune reads the newest
@@ -110,7 +111,7 @@ def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list
     for trial_json, metadata_json in trial_data:
         trial, metadata = json.loads(trial_json), json.loads(metadata_json)
         named = (metadata.get("last_result") or {}).get("checkpoint_dir_name")
-        if trial.get("status") == "TERMINATED" or not named:
+        if trial.get("status") == result_keys.TERMINATED or not named:
             continue
         trial_dir = run.join(trial_dirname.format(trial["trial_id"]))
         target = posixpath.join(trial_dir, named)

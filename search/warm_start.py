@@ -24,6 +24,7 @@ from optuna.distributions import (
 
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
 from spaces import SearchSpace
+from trainable import result_keys
 from trainable.errors import UserError
 from trainable.ranking import best_epoch_row, rank_trials
 
@@ -152,7 +153,7 @@ def plan_warm_start(run_uri: str, space: SearchSpace, top: int) -> WarmStart:
     scored = []
     for trial in trials:
         best = best_epoch_row(by_trial.get(trial["trial_id"], []), space.metric, space.mode)
-        if trial["status"] == "TERMINATED" and best is not None:
+        if trial["status"] == result_keys.TERMINATED and best is not None:
             scored.append({**trial, "value": best[space.metric]})
     ranked = rank_trials(scored, "value", space.mode)
     adjusted: dict[str, int] = {}

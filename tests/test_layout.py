@@ -24,7 +24,9 @@ def project_imports(package: str) -> dict[str, set[str]]:
         imported = set()
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                submodules = [f"{node.module}.{a.name}" for a in node.names
+                              if f"{node.module}.{a.name}" in modules]
+                targets = submodules or [node.module]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
@@ -40,7 +42,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         if node in path:
-            return path[path.index(node):] + [node]
+            return [*path[path.index(node):], node]
         if node in done:
             return None
         for target in sorted(graph[node]):
@@ -60,3 +62,12 @@ def test_a_package_imports_its_modules_without_a_cycle(package: str) -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_trial_states_of_trials_parquet_are_ray_tunes_own() -> None:
+    from ray.tune.experiment import Trial
+
+    from trainable import result_keys
+
+    for state in ("PENDING", "RUNNING", "TERMINATED", "ERROR"):
+        assert getattr(result_keys, state) == getattr(Trial, state)

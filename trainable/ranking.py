@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+from trainable import result_keys
+
 # The metrics an epoch reports that can rank runs, with the direction that is better.
 METRIC_MODES = {"val_acc": "max", "val_loss": "min", "train_loss": "min"}
 
@@ -61,6 +63,7 @@ def best_epoch_row(rows: Iterable[Row], metric: str, mode: str) -> Row | None:
 
 def rank_trials(trials: Iterable[Row], metric_column: str, mode: str) -> list[Row]:
     """Trials with a finite `metric_column` that did not fail, best first (ties: trial id)."""
-    scored = [t for t in trials if t.get("status") != "ERROR" and is_scored(t.get(metric_column))]
+    scored = [t for t in trials
+              if t.get("status") != result_keys.ERROR and is_scored(t.get(metric_column))]
     sign = -1.0 if mode == "max" else 1.0
     return sorted(scored, key=lambda t: (sign * t[metric_column], str(t["trial_id"])))

@@ -27,6 +27,7 @@ import ray
 import torch
 from ray import tune
 
+from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.data import DecodedData
 from trainable.model_files import TRIAL_EPOCHS_FILE
@@ -66,9 +67,9 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory))
             write_trial_epochs(Path(directory), rows)
-            timing: dict[str, Any] = {"checkpoint_written": time.time()}
+            timing: dict[str, Any] = {result_keys.CHECKPOINT_WRITTEN: time.time()}
             if startup:  # the first report of this trial in this process
-                timing["startup"] = dict(startup)
+                timing[result_keys.STARTUP] = dict(startup)
                 startup.clear()
             tune.report({**rows[-1], objective: running_best(), **timing},
                         checkpoint=tune.Checkpoint.from_directory(directory))
@@ -95,6 +96,6 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
         # Report instead of raising: Tune would retry a raised error (FailureConfig), and
         # the same config diverges again. The results writer marks the trial failed.
         last = rows[-1]["epoch"] if rows else 0
-        tune.report({"diverged": str(e), "epoch": last + 1, objective: running_best(),
+        tune.report({result_keys.DIVERGED: str(e), "epoch": last + 1, objective: running_best(),
                      "node_id": node_id, "start_time": epoch_start, "end_time": time.time()})
 
