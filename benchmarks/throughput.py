@@ -49,8 +49,7 @@ from trainable.augment import (
     IMAGENET_STD,
     crop_and_flip,
     mix,
-    resolve_crop,
-    resolve_flip,
+    resolved,
     soft_targets,
 )
 from trainable.device_images import DeviceImages
@@ -224,7 +223,7 @@ def our_data_path(data: Dataset, args: argparse.Namespace, device: torch.device,
     upload_s = clock.seconds()
     generator = torch.Generator(device).manual_seed(0)
     mix_rng = np.random.default_rng(0)
-    crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
+    trained = resolved(cfg, data.source)
     bs = args.batch_size
     rates = []
     for _ in range(epochs):
@@ -232,7 +231,8 @@ def our_data_path(data: Dataset, args: argparse.Namespace, device: torch.device,
         steps = len(images) // bs
         order = torch.randperm(len(images)).to(images.index_device)[:steps * bs]
         for uint8, labels in images.batches(order.view(steps, bs)):
-            x = crop_and_flip(rt.prepare(uint8), crop, hflip, generator)
+            x = crop_and_flip(rt.prepare(uint8), trained.crop, trained.flip == "horizontal",
+                              generator)
             x, _ = mix(x, soft_targets(labels, data.num_classes, cfg.label_smoothing),
                        cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob, mix_rng)
         rates.append(steps * bs / clock.seconds())
@@ -243,7 +243,7 @@ def our_data_path(data: Dataset, args: argparse.Namespace, device: torch.device,
 def plain_loaders(root: Path, args: argparse.Namespace,
                   device: torch.device) -> tuple[DataLoader, DataLoader]:
     """The data path of the classic guides: ImageFolder, per-sample PIL transforms."""
-    if resolve_crop("auto", args.resolution) == "pad":  # the CIFAR recipe
+    if resolved(TrainConfig(resolution=args.resolution), "").crop == "pad":  # the CIFAR recipe
         crop: nn.Module = transforms.RandomCrop(args.resolution, padding=args.resolution // 8)
     else:  # the ImageNet recipe
         crop = transforms.RandomResizedCrop(args.resolution, scale=(0.25, 1.0))

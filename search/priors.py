@@ -22,7 +22,7 @@ import optuna
 
 from search.warm_start import enqueued_params
 from spaces import SearchSpace
-from trainable.augment import resolve_crop, resolve_flip
+from trainable.augment import resolved
 
 PRIORS: tuple[dict[str, Any], ...] = (
     # TrainConfig's defaults: torchvision's fine-tuning recipe (SGD with Nesterov momentum
@@ -42,9 +42,7 @@ def prior_params(space: SearchSpace, data_source: str) -> list[dict[str, Any]]:
     """The priors as parameters of `space`, in order, without repeats."""
     configs = []
     for prior in PRIORS:
-        cfg = dataclasses.asdict(space.config(prior))
-        cfg["flip"] = "horizontal" if resolve_flip(cfg["flip"], data_source) else "none"
-        cfg["crop"] = resolve_crop(cfg["crop"], cfg["resolution"])
+        cfg = dataclasses.asdict(resolved(space.config(prior), data_source))
         params, _ = enqueued_params(cfg, space)
         if params and params not in configs:
             configs.append(params)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainable.config import TrainConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZED_CROP_MIN_AREA = 0.25
@@ -54,17 +56,13 @@ def _channel_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return mean, inv_std
 
 
-def resolve_crop(crop: str, resolution: int) -> str:
-    if crop == "auto":
-        return "pad" if resolution <= 64 else "resized"
-    return crop
-
-
-def resolve_flip(flip: str, source: str) -> bool:
-    """Whether to flip horizontally: `auto` flips natural images but not digits."""
-    if flip == "auto":
-        return source != "digits"
-    return flip == "horizontal"
+def resolved(cfg: TrainConfig, source: str) -> TrainConfig:
+    """`cfg` as a run on the data of `source` trains it: flip and crop `auto` made concrete.
+    `auto` flips natural images but not digits (a mirrored 2 is no digit), and crops by
+    padding up to 64px (the CIFAR recipe) and by resizing above (the ImageNet recipe)."""
+    flip = cfg.flip if cfg.flip != "auto" else "none" if source == "digits" else "horizontal"
+    crop = cfg.crop if cfg.crop != "auto" else "pad" if cfg.resolution <= 64 else "resized"
+    return cfg.replace(flip=flip, crop=crop)
 
 
 def crop_and_flip(x: torch.Tensor, crop: str, hflip: bool,

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torchvision.models import ResNet, ResNet18_Weights
 
-from trainable.augment import resolve_crop, resolve_flip
 from trainable.config import TrainConfig
 from trainable.data import CACHE_WRITE_ERRORS, Dataset, cache_dir
 from trainable.data_file import node_lock, written_whole
@@ -45,27 +44,26 @@ NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16,
 Fill = Callable[[DeviceImages, torch.Tensor], torch.Tensor]  # (images, out) -> out, filled
 
 
-def augments(cfg: TrainConfig, source: str) -> bool:
+def augments(cfg: TrainConfig) -> bool:
     """Whether a trial's training images differ between epochs: random crops, flips,
-    mixing, an augmentation policy or random erasing."""
+    mixing, an augmentation policy or random erasing (`cfg` as augment.resolved makes it)."""
     mixes = (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) and cfg.mix_prob > 0
-    return (resolve_crop(cfg.crop, cfg.resolution) != "none"
-            or resolve_flip(cfg.flip, source) or mixes or cfg.augment != "none"
+    return (cfg.crop != "none" or cfg.flip != "none" or mixes or cfg.augment != "none"
             or cfg.random_erasing > 0)
 
 
-def caches_outputs(cfg: TrainConfig, source: str) -> bool:
+def caches_outputs(cfg: TrainConfig) -> bool:
     """Whether frozen stages (if any) run once per image rather than every epoch."""
-    return CACHE_OUTPUTS and not augments(cfg, source)
+    return CACHE_OUTPUTS and not augments(cfg)
 
 
-def trial_module(model: ResNet, cfg: TrainConfig, source: str) -> nn.Module:
+def trial_module(model: ResNet, cfg: TrainConfig) -> nn.Module:
     """The module a trial's batches go through: the whole model; its frozen stages without
     autograd, then the rest; or the rest alone, on the frozen stages' outputs."""
     prefix, rest = split_frozen(model, cfg.unfreeze_depth)
     if len(prefix) == 0:
         return model
-    return rest if caches_outputs(cfg, source) else nn.Sequential(WithoutGrad(prefix), rest)
+    return rest if caches_outputs(cfg) else nn.Sequential(WithoutGrad(prefix), rest)
 
 
 class WithoutGrad(nn.Module):
@@ -88,11 +86,11 @@ def trial_inputs(model: ResNet, cfg: TrainConfig, data: Dataset, rt: Runtime,
     `budget`: the bytes of data the trial may keep on its device."""
     train = DeviceImages(data.train, rt.device, budget)
     val = DeviceImages(data.val, rt.device, budget - train.device_bytes)
-    module = trial_module(model, cfg, data.source)
+    module = trial_module(model, cfg)
     prefix, _ = split_frozen(model, cfg.unfreeze_depth)
-    if len(prefix) == 0 or not caches_outputs(cfg, data.source):
+    if len(prefix) == 0 or not caches_outputs(cfg):
         if len(prefix) and CACHE_OUTPUTS and not augments(
-                cfg.replace(augment="none", random_erasing=0.0), data.source):
+                cfg.replace(augment="none", random_erasing=0.0)):
             warnings.warn(f"augment {cfg.augment}, random_erasing {cfg.random_erasing}: the "
                           "images change every epoch, so the frozen stages (unfreeze_depth "
                           f"{cfg.unfreeze_depth}) run every epoch, not once", stacklevel=2)

@@ -22,8 +22,7 @@ from trainable.augment import (
     crop_and_flip,
     mix,
     resize_uint8,
-    resolve_crop,
-    resolve_flip,
+    resolved,
     soft_targets,
 )
 from trainable.autoaugment import auto_augment, random_erasing
@@ -79,6 +78,7 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         raise UserError(f"config key 'resolution': the data was decoded at {data.resolution}px, "
                         f"the config asks for {cfg.resolution}px; a run can only use that "
                         "resolution or a smaller one")
+    trained = resolved(cfg, data.source)  # flip and crop `auto` as this data trains them
     torch.manual_seed(cfg.seed)  # the CUDA generators too
     model, initial_state = initial_model(cfg, data.num_classes)
     model = model.to(rt.device)
@@ -105,14 +105,15 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         best = best_epoch_row(result.history, cfg.metric, mode)
         result.best_epoch = int(best["epoch"]) if best else 0
     # after the resume: frozen stages' outputs are computed from the weights the run goes on with
-    module, train, val = trial_inputs(model, cfg, data, rt, resident_budget(rt.device, gpu_share))
+    module, train, val = trial_inputs(model, trained, data, rt,
+                                      resident_budget(rt.device, gpu_share))
     forward: nn.Module = torch.compile(module) if cfg.compile else module  # type: ignore[assignment]
-    scored = forward if ema is None else trial_module(ema.module, cfg, data.source)
+    scored = forward if ema is None else trial_module(ema.module, trained)
 
     for epoch in range(start_epoch, cfg.epochs):
         start = time.perf_counter()
-        train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train, cfg,
-                                                       rt, epoch, data, ema)
+        train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train,
+                                                       trained, rt, epoch, data, ema)
         val_loss, val_acc = evaluate(scored, val, rt, 2 * cfg.batch_size)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
@@ -156,14 +157,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     rt: Runtime, epoch: int, data: Dataset,
                     ema: WeightAverage | None = None) -> tuple[float, float, float]:
     """One pass over the training split (images, or the frozen stages' outputs); returns
-    (mean loss, last head lr, images/s). `ema` follows the weights after each step."""
+    (mean loss, last head lr, images/s). `ema` follows the weights after each step. `cfg` as
+    augment.resolved makes it."""
     set_train_mode(model, True)
     seed = epoch_seed(cfg.seed, epoch)
     batch_indices = shuffled_batches(images, cfg.batch_size, seed)
     micro_batches, batch_size = batch_indices.shape
     steps = math.ceil(micro_batches / cfg.accumulate_steps)
-    crop, hflip = resolve_crop(cfg.crop, cfg.resolution), resolve_flip(cfg.flip, data.source)
-    augment = augments(cfg, data.source)
+    augment = augments(cfg)
     device_gen = torch.Generator(rt.device).manual_seed(seed)
     policy_gen = torch.Generator().manual_seed(seed + POLICY_STREAM)
     mix_rng = np.random.default_rng([cfg.seed, epoch])
@@ -181,7 +182,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         x = model_input(rows, rt)
         targets = soft_targets(labels, data.num_classes, cfg.label_smoothing)
         if augment:  # never for frozen stages' outputs
-            x = crop_and_flip(x, crop, hflip, device_gen)
+            x = crop_and_flip(x, cfg.crop, cfg.flip == "horizontal", device_gen)
             if cfg.random_erasing > 0:  # after normalisation, where torchvision erases
                 x = random_erasing(x, cfg.random_erasing, policy_gen)
             x, targets = mix(x, targets, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
