@@ -157,7 +157,7 @@ class LiveRuns(TableRuns):
         try:
             fit(cfg, report, data=self.data, device="cpu",
                 extra_metrics=lambda m: {"test_acc": evaluate(m, test, rt,
-                                                              2 * cfg.batch_size)[1]})
+                                                              cfg.eval_batch_size)[1]})
         except TrainingDiverged:
             rows.append((math.nan, math.nan, 0.0))
         return Curve(*(np.array([r[k] for r in rows]) for k in range(3)))

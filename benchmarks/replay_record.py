@@ -154,7 +154,7 @@ def record_run(job: tuple[dict[str, Any], int]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def test_acc(model: torch.nn.Module) -> dict[str, float]:
-        return {"test_acc": evaluate(model, test, rt, 2 * cfg.batch_size)[1]}
+        return {"test_acc": evaluate(model, test, rt, cfg.eval_batch_size)[1]}
 
     def report(metrics: dict[str, float], _: object) -> None:
         rows.append({**sampled, "seed": seed, "epoch": int(metrics["epoch"]),

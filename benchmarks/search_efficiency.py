@@ -171,7 +171,7 @@ def handed_over(run_dir: Path, seeds: int) -> float:
         rt = Runtime.for_config(retrain, None)
         model = fit(retrain, data=data).model
         scores.append(evaluate(model, DeviceImages(data.test, rt.device), rt,
-                               2 * retrain.batch_size)[1])
+                               retrain.eval_batch_size)[1])
     return float(np.mean(scores))
 
 

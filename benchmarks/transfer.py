@@ -188,7 +188,7 @@ def test_accuracy(result: FitResult, cfg: TrainConfig, data: Dataset) -> float:
     """As `resnet-hpo train` scores a test split."""
     assert data.test is not None
     rt = Runtime.for_config(cfg, "cpu")
-    return evaluate(result.model, DeviceImages(data.test, rt.device), rt, 2 * cfg.batch_size)[1]
+    return evaluate(result.model, DeviceImages(data.test, rt.device), rt, cfg.eval_batch_size)[1]
 
 
 # --- data ----------------------------------------------------------------------------------

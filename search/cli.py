@@ -14,11 +14,11 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
+from search.defaults import DEFAULT_CONFIRM_SEEDS, DEFAULT_TRIALS, DEFAULT_WARM_START_TOP
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
+from trainable.model_files import ENSEMBLE_METHODS
 
-# trainable.fusion.METHODS, which make_combiner builds; repeated since cli must not import torch
-ENSEMBLE_METHODS = ("average", "vote", "weighted", "stack", "concat")
 DEVICE_HELP = "cuda, cuda:1 or cpu (default: cuda if available)"
 RUN_HELP = "run directory of a search (STORAGE/NAME)"
 MODEL_COMMANDS = ("train", "ensemble", "predict")  # they run models in this process
@@ -134,7 +134,8 @@ def add_search_parser(commands: Subcommands) -> None:
     search.add_argument("--space", help="shipped space name (quick, default, cifar10) or a "
                                         "YAML file")
     search.add_argument("--trials", type=int,
-                        help="number of trials (default 16; with --budget: until it is spent)")
+                        help=f"number of trials (default {DEFAULT_TRIALS}; with --budget: until "
+                             "it is spent)")
     search.add_argument("--budget", metavar="TIME",
                         help="start no trial that would exceed this wall time (45s, 90m, 2h) or "
                              "GPU-hours summed over trials (1.5gpu-h); running trials are "
@@ -149,7 +150,7 @@ def add_search_parser(commands: Subcommands) -> None:
                              "before, so only K above --trials is refused at the start")
     search.add_argument("--confirm-seeds", type=int, metavar="R",
                         help="new seeds per confirmed config, none a search trial used "
-                             "(default 2)")
+                             f"(default {DEFAULT_CONFIRM_SEEDS})")
     search.add_argument("--sampler", help="tpe | cmaes | random | qmc | gp (Optuna, seeded)")
     search.add_argument("--scheduler", help="asha | fifo")
     search.add_argument("--max-epochs", type=int, help="epochs per trial; ASHA's max_t")
@@ -179,8 +180,9 @@ def add_search_parser(commands: Subcommands) -> None:
     search.add_argument("--warm-start", metavar="RUN",
                         help="start from an earlier search's run directory: its best configs "
                              "are the first trials, its finished trials the sampler's history")
-    search.add_argument("--warm-start-top", type=int, default=4, metavar="K",
-                        help="how many of the earlier run's best configs go first (default 4)")
+    search.add_argument("--warm-start-top", type=int, default=DEFAULT_WARM_START_TOP,
+                        metavar="K", help="how many of the earlier run's best configs go "
+                                          "first (default %(default)s)")
     add_config_flags(search, "fixed hyperparameters (override the space file)",
                      exclude=("epochs", "seed"))
     search.set_defaults(run=_search)

@@ -7,7 +7,8 @@ import logging
 import math
 from pathlib import Path
 
-from search.request import DEFAULT_TRIALS, SearchRequest
+from search.defaults import DEFAULT_TRIALS
+from search.request import SearchRequest
 from trainable.errors import UserError
 
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.best import trial_config
+from search.defaults import DEFAULT_CONFIRM_SEEDS
 from search.rundir import TRIALS_FILE, SearchRun, Trial
 from trainable import result_keys
 from trainable.config import TrainConfig
@@ -27,7 +28,6 @@ from trainable.errors import UserError
 from trainable.ranking import best_of
 
 CONFIRM_DIR = "confirm"  # RUN/confirm: the confirm stage's Tune run and Parquet files
-DEFAULT_CONFIRM_SEEDS = 2
 
 
 def check_confirm(top: int | None, seeds: int | None, trials: int | None) -> tuple[int, int]:

@@ -22,8 +22,9 @@ from search.best import best_trial_lines
 from search.budget import BudgetAccount, ConfirmCost
 from search.cluster import start_cluster
 from search.confirm import CONFIRM_DIR, ConfirmPlan
+from search.defaults import DEFAULT_TRIALS
 from search.priors import enqueue_priors
-from search.request import DEFAULT_TRIALS, SearchRequest
+from search.request import SearchRequest
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
 from search.samplers import make_sampler
 from search.study import (

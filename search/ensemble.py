@@ -34,9 +34,9 @@ from search.plots import confusion_matrices, png_bytes, write_plot
 from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, SearchRun
 from trainable.errors import UserError
 from trainable.export import export_onnx
-from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec, WeightedAverage
+from trainable.fusion import EnsembleClassifier, EnsembleSpec, WeightedAverage
 from trainable.model import ImageClassifier
-from trainable.model_files import ENSEMBLE_ONNX_FILE
+from trainable.model_files import ENSEMBLE_METHODS, ENSEMBLE_ONNX_FILE
 from trainable.ranking import best_of, metric_mode
 from trainable.saved import load_checkpoint_dir, save_ensemble_dir
 from trainable.storage import local_dir
@@ -225,7 +225,7 @@ def ensemble_command(run_uri: str, top: int, method: str, output: str | None,
     run = SearchRun.open(run_uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     members = load_members(run, top)
-    methods = METHODS if method == "all" else (method,)
+    methods = ENSEMBLE_METHODS if method == "all" else (method,)
     outputs = member_outputs(members, dev, run.info.get("resolution"),
                              with_features="concat" in methods)
     fits = [combine(m, outputs) for m in methods]

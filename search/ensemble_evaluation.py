@@ -121,7 +121,7 @@ def run_member(saved: SavedModel, images: DeviceImages, device: torch.device,
     """One member on one split: its features, and its probabilities computed from them."""
     model = saved.model.to(device)
     features = predict_outputs(Backbone(model), images, eval_runtime(saved.cfg, device),
-                               2 * saved.cfg.batch_size)
+                               saved.cfg.eval_batch_size)
     return SplitOutputs(images.labels.cpu(), model.fc(features).softmax(-1).cpu(),
                         features.cpu() if with_features else None)
 

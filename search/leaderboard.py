@@ -14,6 +14,8 @@ from search.rundir import SearchRun, Trial
 from search.searched import active_values, format_value
 from spaces.space import Param
 from trainable import result_keys
+from trainable.config import DEFAULT_METRIC
+from trainable.ranking import study_direction
 
 MIN_TRIALS_FOR_IMPORTANCE = 3
 
@@ -101,7 +103,7 @@ def importances_of(run: SearchRun, params: Sequence[Param]) -> tuple[dict[str, f
                     f"have {len(trials)}")
     if len({t["best_metric"] for t in trials}) < 2:
         return {}, f"every finished trial has the same {run.metric}"
-    study = optuna.create_study(direction="maximize" if run.mode == "max" else "minimize")
+    study = optuna.create_study(direction=study_direction(run.mode))
     distributions = {p.name: p.distribution for p in params}
     for trial in trials:
         values = active_values(trial, params)
@@ -125,7 +127,7 @@ def ensemble_text(ensemble: dict[str, Any]) -> str:
     split = "val" if ensemble.get("test_acc") is None else "test"
     gain = ensemble.get("gain")
     gain_text = "n/a" if gain is None else f"{gain:+.4f} on {split}"
-    metric = ensemble.get("metric", "val_acc")
+    metric = ensemble.get("metric", DEFAULT_METRIC)
     chosen = (f", the best {metric} of all methods" if ensemble.get("requested") == "all"
               else "")
     best = ensemble.get("best_member")

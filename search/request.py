@@ -12,7 +12,8 @@ from typing import Any
 from optuna.distributions import CategoricalDistribution
 
 from search.budget import Budget, parse_budget
-from search.confirm import DEFAULT_CONFIRM_SEEDS, check_confirm
+from search.confirm import check_confirm
+from search.defaults import DEFAULT_CONFIRM_SEEDS, DEFAULT_TRIALS, DEFAULT_WARM_START_TOP
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import SearchSpace, load_space, parse_space
 from trainable.config import TrainConfig
@@ -21,7 +22,6 @@ from trainable.model import build_model
 from trainable.storage import is_uri
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-DEFAULT_TRIALS = 16  # of a search given neither --trials nor --budget
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,19 @@ class SearchRequest:
     seed: int  # the sampler's
     command_line: str  # as the user typed it, for search.json
     warm_start: str | None = None  # an earlier run directory to start from (--warm-start)
-    warm_start_top: int = 4  # how many of its best configs go first
+    warm_start_top: int = DEFAULT_WARM_START_TOP  # how many of its best configs go first
     budget: Budget | None = None  # --budget: no trial starts once it would be exceeded
     confirm: int = 0  # --confirm K: the best configs trained again after the search
     confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # --confirm-seeds R: new seeds for each
 
     @property
     def run_uri(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
+        return run_uri(self.storage, self.name)
+
+
+def run_uri(storage: str, name: str) -> str:
+    """The run directory of the search `name` in `storage`: STORAGE/NAME."""
+    return f"{storage.rstrip('/')}/{name}"
 
 
 def check_name(name: str) -> str:
@@ -208,7 +213,7 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if not args.name:
         raise UserError(f"{flag} needs --name NAME of the search to continue")
     name, storage = check_name(args.name), resolve_storage(args.storage)
-    run = RunDir.open(f"{storage.rstrip('/')}/{name}")
+    run = RunDir.open(run_uri(storage, name))
     if not run.exists(SEARCH_FILE):
         raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
                         f"({run.uri} holds no {SEARCH_FILE})")

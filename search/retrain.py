@@ -54,7 +54,7 @@ def train_command(config_file: str | None, overrides: dict[str, Any], output: st
     if data.test is not None:
         rt = Runtime.for_config(cfg, device)
         _, metrics["test_acc"] = evaluate(result.model, DeviceImages(data.test, rt.device), rt,
-                                          2 * cfg.batch_size)
+                                          cfg.eval_batch_size)
     save_model_dir(out, cfg, result.model, metrics)
     if onnx:
         from trainable.export import export_onnx

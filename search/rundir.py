@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from trainable.config import field_names, field_type
+from trainable.config import DEFAULT_METRIC, field_names, field_type
 from trainable.errors import UserError
 from trainable.ranking import METRIC_MODES, metric_mode, rank_trials
 from trainable.storage import open_uri
@@ -199,7 +199,7 @@ class SearchRun:
 
     @property
     def metric(self) -> str:
-        return str(self.info.get("metric", "val_acc"))
+        return str(self.info.get("metric", DEFAULT_METRIC))
 
     @property
     def mode(self) -> str:

@@ -30,6 +30,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from search.rundir import STUDY_FILE, STUDY_NAME, RunDir
 from trainable.errors import UserError
+from trainable.ranking import study_direction
 from trainable.storage import LOCAL, copy_file, replace_file
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def open_study(storage: JournalStorage, space: SearchSpace) -> optuna.Study:
     from trainable.ranking import objective_name
 
     study = optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
-                                direction="maximize" if space.mode == "max" else "minimize")
+                                direction=study_direction(space.mode))
     if study.metric_names is None:  # a new study, or one from before studies were named
         with warnings.catch_warnings():  # experimental since Optuna 3.2, and the only way
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -13,6 +13,7 @@ from ray.tune.search import Searcher
 from search.budget import BudgetAccount
 from search.study import SUPERSEDES_ATTR, TRIAL_ID_ATTR
 from spaces import DefineByRun
+from trainable.ranking import study_direction
 
 EPOCH = "epoch"  # the step of a trial's intermediate values: the epoch its result is for
 
@@ -54,7 +55,7 @@ class StudySearch(Searcher):
         self.study = optuna.create_study(
             storage=storage, sampler=sampler, pruner=optuna.pruners.NopPruner(),
             study_name=study_name, load_if_exists=True,
-            direction="maximize" if mode == "max" else "minimize")
+            direction=study_direction(mode))
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its study trial
         # Tune trial id -> epoch -> value, reported after the journal had finished its trial
         self.late_epochs: dict[str, dict[int, float]] = {}

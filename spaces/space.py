@@ -15,6 +15,7 @@ import optuna
 import yaml
 
 from trainable.config import (
+    DEFAULT_METRIC,
     TrainConfig,
     cast_value,
     field_names,
@@ -74,7 +75,7 @@ class SearchSpace:
     def metric(self) -> str:
         """The search metric: a config key (`metric`) of every trial, so that `fit`, the
         results and best.yaml all rank epochs by it."""
-        return str(self.fixed.get("metric", "val_acc"))
+        return str(self.fixed.get("metric", DEFAULT_METRIC))
 
     @property
     def mode(self) -> str:
@@ -125,8 +126,14 @@ class SearchSpace:
 
     def config(self, sampled: dict[str, Any]) -> TrainConfig:
         """The full TrainConfig of a trial: defaults, then fixed values, then the sample."""
-        return TrainConfig.from_dict({**self.fixed, "epochs": self.scheduler.max_epochs,
-                                      **sampled})
+        return TrainConfig.from_dict(trial_values(self.fixed, self.scheduler, sampled))
+
+
+def trial_values(fixed: dict[str, Any], scheduler: Scheduler,
+                 sampled: dict[str, Any]) -> dict[str, Any]:
+    """A trial's config values over TrainConfig's defaults: the fixed ones, its epochs (the
+    scheduler's max_epochs), then what the sampler drew."""
+    return {**fixed, "epochs": scheduler.max_epochs, **sampled}
 
 
 class DefineByRun:
@@ -145,7 +152,7 @@ class DefineByRun:
         for param in self.space.params:  # ordered so that conditions come first
             if param.active(sampled):
                 sampled[param.name] = _suggest(trial, param)
-        return {**self.space.fixed, "epochs": self.space.scheduler.max_epochs, **sampled}
+        return trial_values(self.space.fixed, self.space.scheduler, sampled)
 
 
 def _suggest(trial: optuna.Trial, param: Param) -> Any:
@@ -188,7 +195,7 @@ def parse_space(text: str, src: str) -> SearchSpace:
     for key in values:
         if key not in TOP_KEYS:
             raise UserError(f"{src}: unknown key '{key}'; allowed: {', '.join(TOP_KEYS)}")
-    metric = values.get("metric", "val_acc")
+    metric = values.get("metric", DEFAULT_METRIC)
     _check_choice(src, "metric", metric, tuple(METRIC_MODES))
     if values.get("mode", metric_mode(metric)) != metric_mode(metric):
         raise UserError(f"{src}: key 'mode' must be {metric_mode(metric)} for metric {metric} "
@@ -262,7 +269,7 @@ def _fixed(src: str, fixed: dict[str, Any], scheduler: Scheduler) -> dict[str, A
         raise UserError(f"{src}: key 'fixed.epochs': set scheduler.max_epochs (or --max-epochs) "
                         "instead; it is ASHA's max_t and every trial's epoch budget")
     try:
-        cfg = TrainConfig.from_dict({**fixed, "epochs": scheduler.max_epochs})
+        cfg = TrainConfig.from_dict(trial_values(fixed, scheduler, {}))
     except UserError as e:
         raise UserError(f"{src}: fixed: {e}") from None
     return {name: getattr(cfg, name) for name in fixed}

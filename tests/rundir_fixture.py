@@ -28,6 +28,7 @@ from search.rundir import (
 from search.study import open_storage, open_study
 from spaces.space import DefineByRun, SearchSpace, load_space
 from trainable.config import field_names
+from trainable.ranking import study_direction
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -97,7 +98,7 @@ def sampled_run(run: Path, n_trials: int = 12, space_name: str = "default",
         optuna_study = open_study(open_storage(RunDir.open(run)), space)
     else:
         optuna_study = optuna.create_study(
-            study_name=STUDY_NAME, direction="maximize" if space.mode == "max" else "minimize")
+            study_name=STUDY_NAME, direction=study_direction(space.mode))
     optuna_study.sampler = optuna.samplers.RandomSampler(seed=seed)
     rng = np.random.default_rng(seed)
     max_epochs = space.scheduler.max_epochs

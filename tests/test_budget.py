@@ -16,8 +16,9 @@ from search.budget import Budget, BudgetAccount, format_duration, parse_budget
 from search.budget_stopper import BudgetStopper
 from search.cli import build_parser, main
 from search.cluster import check_resources
+from search.defaults import DEFAULT_TRIALS
 from search.driver import record_end
-from search.request import DEFAULT_TRIALS, continue_request, request_from_args
+from search.request import continue_request, request_from_args
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
 from search.study_search import StudySearch
 from spaces import DefineByRun, load_space

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from search.cli import ENSEMBLE_METHODS, main
+from search.cli import main
 from search.diversity import confusion_matrix, pairwise_disagreement
 from search.ensemble import best_index, ensemble_command, gain_over_best_member
 from search.ensemble_evaluation import (
@@ -33,13 +33,13 @@ from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset
 from trainable.device_images import DeviceImages
 from trainable.fusion import (
-    METHODS,
     FeatureHead,
     MajorityVote,
     MeanProbabilities,
     WeightedAverage,
 )
 from trainable.model import ImageClassifier, build_model
+from trainable.model_files import ENSEMBLE_METHODS
 from trainable.runtime import Runtime
 from trainable.saved import load_ensemble_dir
 from trainable.train import SaveCheckpoint, evaluate
@@ -202,10 +202,6 @@ def test_penultimate_features_are_what_fc_reads() -> None:
             assert model.fc(features) == pytest.approx(classifier(images), abs=1e-5)
 
 
-def test_the_cli_offers_every_fusion_method() -> None:
-    assert ENSEMBLE_METHODS == METHODS
-
-
 # --- the command on a run directory --------------------------------------------------------
 
 def train_trial(tmp: Path, data: str, trial_id: str, metric: float,
@@ -312,7 +308,7 @@ def test_method_all_compares_every_method_and_saves_the_best_val_acc(
     assert lines[header].split() == ["method", "val_acc", "val_loss", "test_acc", "gain",
                                      "fit_s"]
     table = [line.split() for line in lines[header + 1:header + 6]]
-    assert [row[0] for row in table] == list(METHODS)
+    assert [row[0] for row in table] == list(ENSEMBLE_METHODS)
     saved = json.loads((run / ENSEMBLE_FILE).read_text())
     rows = saved["methods"]
     for row, cells in zip(rows, table, strict=True):

@@ -18,6 +18,8 @@ import yaml
 
 from trainable.errors import UserError
 
+DEFAULT_METRIC = "val_acc"  # of a run, a search and a space that names none
+
 
 def _field(default: Any, help: str, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False) -> Any:
@@ -60,8 +62,8 @@ class TrainConfig:
     batch_size: int = _field(64, "images per step (per micro-batch with accumulation)", 1, 65_536)
     accumulate_steps: int = _field(1, "micro-batches per optimizer step", 1, 1024)
     metric: Literal["val_acc", "val_loss", "train_loss"] = _field(
-        "val_acc", "what 'best' means: the epoch with the best value (the highest val_acc, the "
-        "lowest loss) gives the kept weights, ends early stopping's wait and ranks a trial")
+        DEFAULT_METRIC, "what 'best' means: the epoch with the best value (the highest val_acc, "
+        "the lowest loss) gives the kept weights, ends early stopping's wait and ranks a trial")
     early_stop_patience: int = _field(0, "stop after this many epochs without a better metric "
                                       "(0 = off)", 0, 100_000)
     # Regularisation and augmentation.
@@ -139,6 +141,11 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Images per evaluation step: without gradients twice the training batch fits."""
+        return 2 * self.batch_size
 
 
 def weights_location(weights: str) -> str:

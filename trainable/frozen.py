@@ -104,7 +104,7 @@ def trial_inputs(model: ResNet, cfg: TrainConfig, data: Dataset, rt: Runtime,
     nbytes = (len(train) + len(val)) * row_shape.numel() * dtype.itemsize
     key = cache_key(cfg, rt, data)
     images = {"train": train, "val": val}
-    fill = functools.partial(_fill, prefix, rt, 2 * cfg.batch_size)
+    fill = functools.partial(_fill, prefix, rt, cfg.eval_batch_size)
     if nbytes <= left or key is None:
         where = rt.device if nbytes <= left else torch.device("cpu")
         outputs = {name: fill(split, torch.empty((len(split), *row_shape), dtype=dtype,

@@ -18,9 +18,7 @@ from torch import nn
 
 from trainable.config import TrainConfig
 from trainable.model import ImageClassifier, build_model
-
-# search.cli.ENSEMBLE_METHODS repeats these names, since the CLI must not import torch.
-METHODS = ("average", "vote", "weighted", "stack", "concat")
+from trainable.model_files import ENSEMBLE_METHODS
 
 
 class MeanProbabilities(nn.Module):
@@ -101,7 +99,8 @@ def make_combiner(method: str, members: int, classes: int, features: int) -> nn.
         return StackedLogistic(members, classes)
     if method == "concat":
         return FeatureHead(features, classes)
-    raise ValueError(f"unknown ensemble method {method!r}; one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown ensemble method {method!r}; "
+                     f"one of {', '.join(ENSEMBLE_METHODS)}")
 
 
 class EnsembleClassifier(nn.Module):

@@ -1,6 +1,6 @@
-"""The file names of the one model format (trainable/saved.py reads and writes them): a leaf
-module, so that loading weights (trainable/weights.py) can name them without importing the
-model code that loads weights."""
+"""The names of the one model format (trainable/saved.py reads and writes it): its files and
+the ensemble methods an ensemble.yaml may name. A leaf module without torch, so that loading
+weights (trainable/weights.py) and the CLI's help can name them."""
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"
@@ -11,3 +11,4 @@ ENSEMBLE_CONFIG_FILE = "ensemble.yaml"
 ENSEMBLE_WEIGHTS_FILE = "ensemble.pt"
 MODEL_ONNX_FILE = "model.onnx"
 ENSEMBLE_ONNX_FILE = "ensemble.onnx"
+ENSEMBLE_METHODS = ("average", "vote", "weighted", "stack", "concat")  # trainable/fusion.py

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from trainable import result_keys
 
@@ -25,6 +25,11 @@ T = TypeVar("T")
 def metric_mode(metric: str) -> str:
     """'max' or 'min': which direction of `metric` is better."""
     return METRIC_MODES[metric]
+
+
+def study_direction(mode: str) -> Literal["maximize", "minimize"]:
+    """An Optuna study's direction for Tune's `mode`."""
+    return "maximize" if mode == "max" else "minimize"
 
 
 def objective_name(metric: str) -> str:

@@ -24,12 +24,13 @@ from torchvision.models import ResNet
 
 from trainable.config import TrainConfig, read_yaml_mapping
 from trainable.errors import UserError
-from trainable.fusion import METHODS, EnsembleClassifier, EnsembleSpec
+from trainable.fusion import EnsembleClassifier, EnsembleSpec
 from trainable.model import ImageClassifier, build_model
 from trainable.model_files import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
     ENSEMBLE_CONFIG_FILE,
+    ENSEMBLE_METHODS,
     ENSEMBLE_WEIGHTS_FILE,
     METRICS_FILE,
     MODEL_FILE,
@@ -205,8 +206,8 @@ def load_ensemble_dir(directory: Path) -> SavedEnsemble:
         configs.append(TrainConfig.from_dict(member["config"], source=f"{path} member {i + 1}"))
         trial_ids.append(str(member.get("trial_id", i + 1)))
     method = str(_field(values, "method", path))
-    if method not in METHODS:
-        raise UserError(f"{path}: method '{method}' is not one of {', '.join(METHODS)}")
+    if method not in ENSEMBLE_METHODS:
+        raise UserError(f"{path}: method '{method}' is not one of {', '.join(ENSEMBLE_METHODS)}")
     spec = EnsembleSpec(method, _class_names(_field(values, "class_names", path), path),
                         trial_ids, configs)
     module = spec.build()

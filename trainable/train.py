@@ -114,7 +114,7 @@ def fit(cfg: TrainConfig, report: Report | None = None, *, data: Dataset | None 
         start = time.perf_counter()
         train_loss, lr, images_per_s = train_one_epoch(forward, optimizer, scaler, train,
                                                        trained, rt, epoch, data, ema)
-        val_loss, val_acc = evaluate(scored, val, rt, 2 * cfg.batch_size)
+        val_loss, val_acc = evaluate(scored, val, rt, cfg.eval_batch_size)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": lr, "images_per_s": images_per_s,
                    "epoch_time_s": time.perf_counter() - start}
