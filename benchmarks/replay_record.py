@@ -17,7 +17,7 @@ Tasks (the space file says the ranges, the scheduler and the fixed keys):
   fine-tuning space a user searches (optimizer, lr, weight decay, layer decay, unfreeze depth,
   warmup, label smoothing, mixup).
 A task's design is a grid (levels per float key) or `points` quasi-random configurations plus
-the recipes (search/priors.py); `--points N` records N points for every task instead. Seeds
+the recipes (search/sampling/priors.py); `--points N` records N points for every task instead. Seeds
 are 0..seeds-1, one thread a worker. `--limit N` records the first N configurations only (a
 smoke run; the table then does not cover the space).
 """
@@ -47,7 +47,7 @@ import torch
 
 from benchmarks import transfer
 from benchmarks.replay_table import DATA_DIR, grid_values, table_schema
-from search.priors import prior_params
+from search.sampling.priors import prior_params
 from spaces import DefineByRun, SearchSpace, load_space
 from trainable import Dataset, TrainingDiverged, configure_torch, fit
 from trainable.data import load_dataset

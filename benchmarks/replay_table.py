@@ -12,10 +12,11 @@ The configurations are a design (`design` in the metadata): `grid` is every comb
 the space's keys discretised (a float key into `levels[key]` values from low to high, evenly
 spaced, in log space where the space says log; an int and a categorical key into all their
 values); `points` is N quasi-random configurations (Optuna's QMC sampler) plus the recipes a
-new search tries first (search/priors.py). A configuration a sampler draws is replayed as the
-nearest recorded one: the L1 distance over the searched keys, each scaled to [0, 1] over its
-range (in log space for a log key), a categorical key 0 when equal else 1, a key active in
-one and inactive in the other 1. On a grid that is the nearest grid value of every key.
+new search tries first (search/sampling/priors.py). A configuration a sampler draws is
+replayed as the nearest recorded one: the L1 distance over the searched keys, each scaled to
+[0, 1] over its range (in log space for a log key), a categorical key 0 when equal else 1, a
+key active in one and inactive in the other 1. On a grid that is the nearest grid value of
+every key.
 
 What a search hands over is a configuration, retrained: `Table.handed_over(i)` is the mean
 over the recorded seeds of each run's test_acc at its best epoch by val_acc (what `resnet-hpo

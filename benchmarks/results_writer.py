@@ -1,4 +1,4 @@
-"""Bookkeeping of the search driver: whether `search.results_writer.ResultsWriter`, the Tune
+"""Bookkeeping of the search driver: whether `search.record.results_writer.ResultsWriter`, the Tune
 callback that keeps trials.parquet and epochs.parquet current, costs the same per result at
 the end of a long search as at its start, and how much of the driver's time its flushes take.
 
@@ -17,7 +17,7 @@ trials). After the last loop, on_experiment_end. Every trial runs all its epochs
 stopping).
 
 The writer flushes (rewrites both files whole) once in the first on_step_begin, from
-on_step_end at most every `search.results_writer.FLUSH_EVERY_S` seconds when something
+on_step_end at most every `search.record.results_writer.FLUSH_EVERY_S` seconds when something
 changed, and at on_experiment_end. FLUSH_EVERY_S is set to infinity for the replay, so that
 no time-based flush lands in the per-result timings at random; a flush is timed apart, at
 the search's final size.
@@ -66,8 +66,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
-import search.results_writer as results_writer
-from search.results_writer import ResultsWriter
+import search.record.results_writer as results_writer
+from search.record.results_writer import ResultsWriter
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir
 
 METRIC, MODE = "val_acc", "max"

@@ -27,7 +27,7 @@ DIR/search_efficiency.png (the curves). The searches' own output goes to search.
 else in the storage).
 
 tpe+asha was what `resnet-hpo search` did by default until 2026-12-07: random draws up to
-TPE's startup trials (search/samplers.py startup_trials: a quarter of the trials, 2 to 10),
+TPE's startup trials (search/sampling/samplers.py startup_trials: a quarter of the trials, 2 to 10),
 then TPE's model. The default now samples at random (README: How the default search spends
 its trials): random+asha here, where digits trains from random weights and gets no recipes.
 """
@@ -53,9 +53,9 @@ from typing import IO, Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from search.best import trial_config
 from search.cli import main as resnet_hpo
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, SearchRun
+from search.views.best import trial_config
 from trainable import fit, load_dataset
 from trainable.device_images import DeviceImages
 from trainable.runtime import Runtime

@@ -8,13 +8,13 @@ simulated backend), judged by the model each search hands over.
 A table (benchmarks/replay_table.py, recorded by benchmarks/replay_record.py) holds every
 epoch's val_acc, test_acc and seconds of each configuration of a task's design, trained with
 several seeds. A search is replayed as the driver runs it: the project's searcher
-(search/study_search.py StudySearch, asked and told as Tune asks and tells it) with the
-sampler the driver builds (search/samplers.py make_sampler) and the priors it enqueues
-(search/priors.py); a sampled configuration is replayed as the nearest recorded one, and each
-trial draws one recorded seed's curve (seeded by the search's seed), so that a trial is as
-noisy as a real one. `slots` trials run at a time on a simulated clock that advances by the
-recorded epoch times; ASHA decides as Ray's ASHAScheduler does (the same rungs and cutoff,
-`Asha` below), on the running best the Tune adapter reports.
+(search/run/study_search.py StudySearch, asked and told as Tune asks and tells it) with the
+sampler the driver builds (search/sampling/samplers.py make_sampler) and the priors it
+enqueues (search/sampling/priors.py); a sampled configuration is replayed as the nearest
+recorded one, and each trial draws one recorded seed's curve (seeded by the search's seed),
+so that a trial is as noisy as a real one. `slots` trials run at a time on a simulated clock
+that advances by the recorded epoch times; ASHA decides as Ray's ASHAScheduler does (the
+same rungs and cutoff, `Asha` below), on the running best the Tune adapter reports.
 
 A search's outcome is what it hands over: the best trial by val_acc (as `resnet-hpo best`
 picks it), retrained: the mean over the table's seeds of that configuration's test_acc at its
@@ -56,9 +56,9 @@ import numpy as np
 import optuna
 
 from benchmarks.replay_table import DATA_DIR, Curve, Table, read_table
-from search.priors import enqueue_priors, prior_params
-from search.samplers import make_sampler
-from search.study_search import StudySearch
+from search.run.study_search import StudySearch
+from search.sampling.priors import enqueue_priors, prior_params
+from search.sampling.samplers import make_sampler
 from spaces import DefineByRun, Scheduler, SearchSpace
 from trainable.ranking import objective_name
 

@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from benchmarks.common import describe_device
-from search.samplers import make_sampler
+from search.sampling.samplers import make_sampler
 from trainable import (
     Dataset,
     FitResult,

@@ -122,12 +122,12 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
     the search's callbacks (as the progress printer, which build_tuner imports when called)."""
     from ray import tune
 
-    import search.progress
-    from search.results_writer import ResultsWriter
-    from search.study_search import StudySearch
-    from search.tensorboard_writer import TensorBoardWriter
+    import search.record.progress
+    from search.record.results_writer import ResultsWriter
+    from search.record.tensorboard_writer import TensorBoardWriter
+    from search.run.study_search import StudySearch
 
-    printer = search.progress.ProgressPrinter
+    printer = search.record.progress.ProgressPrinter
 
     class EventRecorder(printer):  # type: ignore[misc, valid-type]
         def on_trial_start(self, iteration: int, trials: list[Any], trial: Any,
@@ -150,7 +150,8 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
             recorder.trials[trial.trial_id]["trial_ended"] = time.time()
             super().on_trial_complete(iteration, trials, trial, **info)
 
-    patches: list[tuple[Any, str, Any]] = [(search.progress, "ProgressPrinter", EventRecorder)]
+    patches: list[tuple[Any, str, Any]] = [
+        (search.record.progress, "ProgressPrinter", EventRecorder)]
     for cls in (ResultsWriter, TensorBoardWriter, printer):
         for name in ("on_trial_start", "on_trial_result", "on_trial_complete", "on_checkpoint",
                      "on_step_end", "flush"):

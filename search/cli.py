@@ -55,15 +55,15 @@ def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 # --- what each subcommand runs -------------------------------------------------------------
 
 def _train(args: argparse.Namespace) -> None:
-    from search.retrain import train_command
+    from search.commands.train import train_command
 
     train_command(args.config, config_overrides(args), args.output, onnx=args.onnx,
                   device=args.device)
 
 
 def _search(args: argparse.Namespace) -> None:
-    from search.driver import add_trials, new_search, resume_search
-    from search.request import continue_request, request_from_args
+    from search.run.driver import add_trials, new_search, resume_search
+    from search.run.request import continue_request, request_from_args
 
     if args.resume or args.add_trials is not None:
         request = continue_request(args, config_overrides(args))
@@ -77,32 +77,32 @@ def _search(args: argparse.Namespace) -> None:
 
 
 def _results(args: argparse.Namespace) -> None:
-    from search.report import results_command
+    from search.views.results import results_command
 
     results_command(args.run_dir, args.top)
 
 
 def _best(args: argparse.Namespace) -> None:
-    from search.best import best_command
+    from search.views.best import best_command
 
     best_command(args.run_dir, args.output)
 
 
 def _ensemble(args: argparse.Namespace) -> None:
-    from search.ensemble import ensemble_command
+    from search.ensembles.ensemble import ensemble_command
 
     ensemble_command(args.run_dir, args.top, args.method, args.output, onnx=args.onnx,
                      device=args.device)
 
 
 def _dashboard(args: argparse.Namespace) -> None:
-    from search.dashboard import dashboard_command
+    from search.views.dashboard import dashboard_command
 
     dashboard_command(args.run_dir, args.host, args.port)
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from search.predict import predict_command
+    from search.commands.predict import predict_command
 
     predict_command(args.model_dir, args.images, args.output, args.probabilities,
                     args.device, args.batch_size)

@@ -217,7 +217,7 @@ class SearchRun:
     @cached_property
     def handed_over(self) -> Trial | None:
         """The trial whose config the search hands over (`best`, the summary): the best
-        mean of the confirm stage where it ran (search/confirm.py), else the best ranked."""
+        mean of the confirm stage where it ran (search/run/confirm.py), else the best ranked."""
         chosen = (self.info.get("confirm") or {}).get("handed_over")
         confirmed = [t for t in self.trials if chosen is not None and t["trial_id"] == chosen]
         return next(iter(confirmed), self.ranked[0] if self.ranked else None)

@@ -5,7 +5,7 @@ The driver is the only writer. A local run directory holds the journal itself; f
 one (s3://...) the journal lives on the driver's disk (under $RESNET_HPO_CACHE) and the
 results writer copies it into the run directory whenever it writes the Parquet files.
 
-Ray Tune pickles the searcher (search/study_search.py) into its saved state, the study's
+Ray Tune pickles the searcher (search/run/study_search.py) into its saved state, the study's
 storage with it. The journal pickles as the run's URI, so a restored search reopens the
 journal of the run, not a path on the machine that pickled it. The journal can be ahead of
 Tune's saved state (the driver appends every ask and tell at once; Tune saves every few
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from spaces import SearchSpace
 
 TRIAL_ID_ATTR = "trial_id"  # a study trial's user attribute: its Tune trial id (trials.parquet)
-# of a study trial that records a Tune trial's ending anew (search/study_search.py): the
+# of a study trial that records a Tune trial's ending anew (search/run/study_search.py): the
 # number of the study trial it replaces
 SUPERSEDES_ATTR = "supersedes"
 

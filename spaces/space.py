@@ -29,7 +29,7 @@ from trainable.ranking import METRIC_MODES, metric_mode
 SHIPPED_DIR = Path(__file__).parent
 SAMPLERS = ("tpe", "cmaes", "random", "qmc", "gp")
 # At the budgets users run (8-32 trials), random search with the guides' recipes first
-# (search/priors.py) handed over models as good as or better than TPE's on the replay's
+# (search/sampling/priors.py) handed over models as good as or better than TPE's on the replay's
 # noisy tables (README: How the default search spends its trials).
 DEFAULT_SAMPLER = "random"
 SCHEDULERS = ("asha", "fifo")
@@ -129,6 +129,27 @@ class SearchSpace:
         return TrainConfig.from_dict(trial_values(self.fixed, self.scheduler, sampled))
 
 
+def fits(value: Any, d: optuna.distributions.BaseDistribution) -> bool:
+    """Whether the value lies in the distribution as Optuna checks it: one of its choices, or
+    a number in its range on its step grid."""
+    try:
+        internal = d.to_internal_repr(value)  # ValueError: no choice, no number, NaN, <= 0 on log
+    except (TypeError, ValueError):
+        return False
+    if isinstance(d, optuna.distributions.CategoricalDistribution):
+        return True
+    assert isinstance(d, optuna.distributions.FloatDistribution
+                      | optuna.distributions.IntDistribution)
+    if not d.low <= internal <= d.high:
+        return False
+    if isinstance(d, optuna.distributions.IntDistribution):
+        return (internal - d.low) % d.step == 0
+    if d.step is None:
+        return True
+    steps = (internal - d.low) / d.step
+    return abs(steps - round(steps)) < 1e-8  # Optuna's tolerance on a float step grid
+
+
 def trial_values(fixed: dict[str, Any], scheduler: Scheduler,
                  sampled: dict[str, Any]) -> dict[str, Any]:
     """A trial's config values over TrainConfig's defaults: the fixed ones, its epochs (the
@@ -137,7 +158,7 @@ def trial_values(fixed: dict[str, Any], scheduler: Scheduler,
 
 
 class DefineByRun:
-    """Optuna define-by-run function for the searcher (search/study_search.py): samples the
+    """Optuna define-by-run function for the searcher (search/run/study_search.py): samples the
     active parameters of a trial and returns the fixed values with them.
 
     A class, not a closure, so that Tune can pickle it into the experiment state and

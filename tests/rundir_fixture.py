@@ -134,7 +134,7 @@ def running_best(space: SearchSpace, epochs: list[Row]) -> list[float]:
 def write_tensorboard(run: Path, space_name: str) -> Path:
     """RUN/tensorboard/, written by the search's TensorBoardWriter from the run's Parquet
     files, as the trials' results would have arrived."""
-    from search.tensorboard_writer import TensorBoardWriter
+    from search.record.tensorboard_writer import TensorBoardWriter
     from trainable.ranking import objective_name
 
     space = load_space(space_name)

@@ -128,7 +128,7 @@ def test_printed_command_retrains_the_best_trials_config(
 
 def test_a_best_trial_still_improving_at_its_last_epoch_is_noted(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from search.driver import print_summary
+    from search.run.driver import print_summary
 
     peaked_late = make_run(tmp_path / "late", [(config(lr=0.1), "t-late", 0.9, 6, 6, False),
                                                (config(lr=0.02), "t-early", 0.8, 2, 6, False)])

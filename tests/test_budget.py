@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 from ray.tune.search import Searcher
 
-from search.budget import Budget, BudgetAccount, format_duration, parse_budget
-from search.budget_stopper import BudgetStopper
 from search.cli import build_parser, main
-from search.cluster import check_resources
 from search.defaults import DEFAULT_TRIALS
-from search.driver import record_end
-from search.request import continue_request, request_from_args
+from search.run.budget import Budget, BudgetAccount, format_duration, parse_budget
+from search.run.budget_stopper import BudgetStopper
+from search.run.cluster import check_resources
+from search.run.driver import record_end
+from search.run.request import continue_request, request_from_args
+from search.run.study_search import StudySearch
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
-from search.study_search import StudySearch
 from spaces import DefineByRun, load_space
 from tests.conftest import one_line_error, search_space_file
 from tests.test_study import finished_run, whole_journal
@@ -69,8 +69,8 @@ def never_starts_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         pytest.fail("a bad flag should be refused before Ray starts")
 
-    monkeypatch.setattr("search.cluster.start_ray", fail)
-    monkeypatch.setattr("search.driver.decode_dataset", fail)
+    monkeypatch.setattr("search.run.cluster.start_ray", fail)
+    monkeypatch.setattr("search.run.driver.decode_dataset", fail)
 
 
 def refused_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -148,8 +148,8 @@ def test_add_trials_to_a_budget_search_that_was_interrupted_says_to_resume_it(
 
 def test_a_gpu_hour_budget_on_a_cluster_without_gpus_says_to_use_wall_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("search.cluster.node_capacity", lambda: [{"CPU": 2.0}])
-    monkeypatch.setattr("search.cluster.autoscaler_node_types", lambda: [])
+    monkeypatch.setattr("search.run.cluster.node_capacity", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr("search.run.cluster.autoscaler_node_types", lambda: [])
     request = request_from_args(search_args("--space", str(search_space_file(tmp_path)),
                                             "--budget", "1.5gpu-h", "--gpus-per-trial",
                                             "0.25"), {})

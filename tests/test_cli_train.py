@@ -106,7 +106,7 @@ def test_a_bad_config_file_is_refused_before_any_data_is_read(
     def decode(*args: object, **kwargs: object) -> None:
         pytest.fail("a bad config should be refused before the data is decoded")
 
-    monkeypatch.setattr("search.retrain.load_dataset", decode)
+    monkeypatch.setattr("search.commands.train.load_dataset", decode)
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     with pytest.raises(SystemExit) as exit_info:

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from search.best import best_command, best_trial_lines, trial_config
-from search.budget import Budget, BudgetAccount, ConfirmCost
 from search.cli import main
-from search.confirm import CONFIRM_DIR, ConfirmPlan
-from search.request import request_from_args
+from search.run.budget import Budget, BudgetAccount, ConfirmCost
+from search.run.confirm import CONFIRM_DIR, ConfirmPlan
+from search.run.request import request_from_args
 from search.rundir import BEST_FILE, EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
+from search.views.best import best_command, best_trial_lines, trial_config
 from tests.conftest import one_line_error, reported_epochs, search_space_file
 from tests.rundir_fixture import sampled_run
 from tests.test_budget import FakeClock, never_starts_ray, refused_before_ray, search_args
@@ -286,7 +286,7 @@ def test_add_trials_hands_over_the_best_trial_of_all_again(
 ) -> None:
     """The confirm stage chose among the trials before; the extension's own trials never
     ran beside them, so `best` ranks every trial again (the earlier confirm is kept)."""
-    import search.driver as driver
+    import search.run.driver as driver
 
     run = finished_run(tmp_path / "runs" / "done", whole_journal(tmp_path))
     meta = json.loads((run / SEARCH_FILE).read_text())

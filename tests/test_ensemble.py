@@ -17,9 +17,8 @@ import torch.nn.functional as F
 import yaml
 
 from search.cli import main
-from search.diversity import confusion_matrix, pairwise_disagreement
-from search.ensemble import best_index, ensemble_command, gain_over_best_member
-from search.ensemble_evaluation import (
+from search.ensembles.ensemble import best_index, ensemble_command, gain_over_best_member
+from search.ensembles.evaluation import (
     MemberOutputs,
     Scores,
     SplitOutputs,
@@ -28,6 +27,7 @@ from search.ensemble_evaluation import (
     fit_weights,
     stacked_module,
 )
+from search.ensembles.member_diversity import confusion_matrix, pairwise_disagreement
 from search.rundir import ENSEMBLE_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, trials_schema
 from tests.conftest import write_class_tree
 from trainable import TrainConfig, UserError, fit, load_dataset

@@ -30,8 +30,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
+from search.run.tune_state import tune_state_problem
 from search.rundir import EPOCHS_FILE, SEARCH_COPY_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
-from search.tune_state import tune_state_problem
 from tests.conftest import reported_epochs, stopped, trial_worker_pids, write_class_tree
 from trainable.errors import UserError
 
@@ -138,7 +138,7 @@ def test_a_raising_trial_is_retried_a_diverging_one_is_not_and_the_search_goes_o
 
 
 def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> None:
-    from search.results_writer import ResultsWriter
+    from search.record.results_writer import ResultsWriter
 
     writer = ResultsWriter(str(tmp_path), "val_acc", "max", 0.0, 1.0)
     writer.setup()
@@ -178,7 +178,7 @@ def test_a_trial_resumed_from_a_checkpoint_of_its_whole_run_reports_its_last_epo
     """The moment the kill-resume test once failed at: the driver was killed after Tune had
     registered a trial's last checkpoint (deleting the one before) and before its state
     reached the run directory; --resume mends the checkpoint Tune's state names with the
-    last one (search/tune_state.py), so the trial has nothing left to train, and Tune's
+    last one (search/run/tune_state.py), so the trial has nothing left to train, and Tune's
     last result for it is the epoch before. The trial reports its last epoch again, or Tune
     would end it on that older result and the searcher tell it PRUNED."""
     from tests.conftest import tiny_dataset
@@ -338,7 +338,7 @@ def kill_when(driver: subprocess.Popen[bytes], run: Path, moment: Callable[[], b
     """SIGKILL the driver at the first check at which `moment()` holds. The driver is frozen
     during each check, so what the check saw is where the driver is killed. Not while Tune
     is copying its state into the run directory: a file cut off there cannot be resumed from
-    (`--resume` says so; see search/tune_state.py)."""
+    (`--resume` says so; see search/run/tune_state.py)."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         assert driver.poll() is None, f"the driver ended first:\n{log.read_text()[-3000:]}"
@@ -390,7 +390,7 @@ def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sample
 
     from search.cli import main
     from search.rundir import STUDY_NAME
-    from search.samplers import startup_trials
+    from search.sampling.samplers import startup_trials
     from search.study import SUPERSEDES_ATTR, latest_trials, open_storage
 
     n_trials, epochs, concurrent = 16, 3, 2

@@ -4,6 +4,7 @@ functions included), so that a change that ties the packages in a knot fails her
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,53 @@ def test_the_trial_states_of_trials_parquet_are_ray_tunes_own() -> None:
 
     for state in ("PENDING", "RUNNING", "TERMINATED", "ERROR"):
         assert getattr(result_keys, state) == getattr(Trial, state)
+
+
+# search/'s rooms (subpackages and top-level modules) and the rooms each may import: the data
+# flow reads top-down, from the run directory to the commands. cli.py may import any.
+SEARCH_IMPORTS = {
+    "rundir": set(), "defaults": set(), "study": {"rundir"},
+    "views": {"rundir", "study"},
+    "record": {"rundir", "study", "views"},
+    "ensembles": {"rundir", "study", "views"},
+    "sampling": {"rundir", "study"},
+    "run": {"rundir", "study", "defaults", "views", "record", "sampling"},
+    "commands": {"rundir", "study", "defaults", "views", "run"},
+}
+
+
+def room(module: str) -> str:
+    """search.run.driver -> run; search.rundir -> rundir."""
+    return module.split(".")[1] if "." in module else module
+
+
+def test_search_imports_point_one_way_between_its_rooms() -> None:
+    wrong = sorted((source, target) for source, targets in project_imports("search").items()
+                   for target in targets
+                   if room(source) not in ("cli", "search", room(target))
+                   and room(target) not in SEARCH_IMPORTS[room(source)])
+    assert not wrong
+
+
+def test_search_has_few_top_level_modules_and_small_rooms() -> None:
+    top = [p for p in (REPO / "search").glob("*.py") if p.name != "__init__.py"]
+    assert len(top) <= 8, sorted(p.name for p in top)
+    for folder in (p for p in (REPO / "search").iterdir() if (p / "__init__.py").exists()):
+        modules = [p for p in folder.glob("*.py") if p.name != "__init__.py"]
+        assert len(modules) <= 10, folder.name
+        assert set(SEARCH_IMPORTS) >= {folder.name}, folder.name  # a room with its rules
+
+
+def test_a_module_of_the_old_flat_layout_imports_as_the_one_it_became() -> None:
+    """Tune's saved state of a search interrupted before the move names the old paths."""
+    import pickle
+
+    from search.run.study_search import StudySearch
+
+    old = pickle.dumps(StudySearch, protocol=0).replace(b"search.run.study_search", b"search.study_search")
+    assert pickle.loads(old) is StudySearch
+    from search import MOVED
+
+    for name, new in MOVED.items():
+        assert importlib.import_module(f"search.{name}") is importlib.import_module(
+            f"search.{new}")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from search.cli import main
-from search.predict import predict_command
+from search.commands.predict import predict_command
 from tests.conftest import COLOURS, tiny_dataset
 from trainable import TrainConfig, UserError, fit
 from trainable.data import decode_image

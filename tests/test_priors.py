@@ -1,4 +1,4 @@
-"""The guides' recipes a new search tries first (search/priors.py)."""
+"""The guides' recipes a new search tries first (search/sampling/priors.py)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 from optuna.trial import TrialState
 
 from search.cli import main
-from search.priors import PRIORS, enqueue_priors, prior_params
 from search.rundir import STUDY_NAME, RunDir
+from search.sampling.priors import PRIORS, enqueue_priors, prior_params
 from search.study import open_storage
-from search.warm_start import fits
-from spaces import DefineByRun, load_space, parse_space
+from spaces import DefineByRun, fits, load_space, parse_space
 
 
 def test_priors_are_the_recipes_in_the_spaces_ranges_in_order() -> None:
@@ -59,9 +58,9 @@ def test_a_new_search_from_a_backbone_enqueues_the_priors_in_its_study(
         tmp_path: Path, ray_session: None, resnet18_weights_file: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """The driver's road for a new search, up to the tuner (which would ask them first)."""
-    monkeypatch.setattr("search.driver.build_tuner",
+    monkeypatch.setattr("search.run.driver.build_tuner",
                         lambda *args: SimpleNamespace(fit=lambda: None))
-    monkeypatch.setattr("search.driver.finish_search", lambda *args: None)
+    monkeypatch.setattr("search.run.driver.finish_search", lambda *args: None)
     main(["search", "--space", "quick", "--data", "digits", "--trials", "4",
           "--weights", str(resnet18_weights_file), "--storage", str(tmp_path), "--name", "p"])
     assert "the guides' recipes first: 3 prior configs" in capsys.readouterr().out

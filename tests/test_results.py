@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from search.cli import main
-from search.leaderboard import leaderboard
 from search.rundir import SEARCH_FILE, SearchRun
-from search.searched import searched_params
+from search.views.leaderboard import leaderboard
+from search.views.searched_params import searched_params
 from spaces.space import load_space
 from tests.rundir_fixture import read_search, sampled_run
 

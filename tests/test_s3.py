@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from search.cli import main
-from search.predict import predict_command
+from search.commands.predict import predict_command
 from search.rundir import RunDir
 from trainable import load_dataset
 from trainable.errors import UserError

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from search.request import check_name
+from search.run.request import check_name
 from trainable import TrainConfig
 from trainable.config import read_yaml_mapping
 from trainable.errors import UserError
@@ -69,7 +69,7 @@ from pathlib import Path
 import grpc
 import ray
 
-from search.cluster import start_ray
+from search.run.cluster import start_ray
 
 start_ray(None)
 node = ray._private.worker._global_node

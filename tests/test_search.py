@@ -18,16 +18,16 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-import search.driver as driver
+import search.run.driver as driver
 from search.cli import main
-from search.cluster import check_resources
-from search.driver import search_metadata
-from search.ensemble import ensemble_command
-from search.progress import ProgressPrinter
-from search.request import SearchRequest, request_from_args
+from search.ensembles.ensemble import ensemble_command
+from search.record.progress import ProgressPrinter
+from search.run.cluster import check_resources
+from search.run.driver import search_metadata
+from search.run.request import SearchRequest, request_from_args
+from search.run.study_search import StudySearch
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE
-from search.samplers import make_sampler, startup_trials
-from search.study_search import StudySearch
+from search.sampling.samplers import make_sampler, startup_trials
 from spaces import DefineByRun, load_space
 from tests.conftest import (
     COLOURS,
@@ -383,8 +383,8 @@ def test_more_gpus_than_any_node_fails_at_once(tmp_path: Path, ray_session: None
 
 def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyPatch,
                                                      tmp_path: Path) -> None:
-    monkeypatch.setattr("search.cluster.node_capacity", lambda: [{"CPU": 2.0}])
-    monkeypatch.setattr("search.cluster.autoscaler_node_types", lambda: [])
+    monkeypatch.setattr("search.run.cluster.node_capacity", lambda: [{"CPU": 2.0}])
+    monkeypatch.setattr("search.run.cluster.autoscaler_node_types", lambda: [])
     args = type("Args", (), dict(space=str(search_space_file(tmp_path)), scheduler=None,
                                  max_epochs=None, sampler=None, trials=4, gpus_per_trial=0.25,
                                  cpus_per_trial=1.0, max_concurrent=None, max_failures=0,
@@ -433,8 +433,8 @@ def seed_space_file(tmp_path: Path) -> Path:
 def test_a_flag_that_fixes_a_searched_key_is_refused_naming_both(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         flag: str, value: str, key: str) -> None:
-    monkeypatch.setattr("search.cluster.start_ray", never("start or join Ray"))
-    monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
+    monkeypatch.setattr("search.run.cluster.start_ray", never("start or join Ray"))
+    monkeypatch.setattr("search.run.driver.decode_dataset", never("decode the data"))
     space = seed_space_file(tmp_path)
     err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits", flag,
                                   value, "--storage", str(tmp_path / "runs")])
@@ -447,7 +447,7 @@ def test_a_flag_that_fixes_a_searched_key_is_refused_naming_both(
 def test_seed_fixes_every_trials_seed_and_sampler_seed_seeds_only_the_sampler(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     requests: list[SearchRequest] = []
-    monkeypatch.setattr("search.driver.new_search", requests.append)
+    monkeypatch.setattr("search.run.driver.new_search", requests.append)
     seed_searched, seed_fixed = seed_space_file(tmp_path), search_space_file(tmp_path)
     for space, flags in ((seed_searched, ["--sampler-seed", "3"]), (seed_fixed, ["--seed", "3"]),
                          (seed_fixed, ["--seed", "3", "--sampler-seed", "5"]),
@@ -483,9 +483,9 @@ def test_a_bad_space_file_is_refused_before_ray_starts_or_data_is_read(
         lines: str, expected: str) -> None:
     import ray
 
-    monkeypatch.setattr("search.cluster.start_ray", never("start or join Ray"))
+    monkeypatch.setattr("search.run.cluster.start_ray", never("start or join Ray"))
     monkeypatch.setattr(ray, "init", never("start or join Ray"))
-    monkeypatch.setattr("search.driver.decode_dataset", never("decode the data"))
+    monkeypatch.setattr("search.run.driver.decode_dataset", never("decode the data"))
     space = tmp_path / "space.yaml"
     space.write_text(f"fixed: {{weights: none}}\n{lines}\n")
     err = one_line_error(capsys, ["search", "--space", str(space), "--data", "digits",

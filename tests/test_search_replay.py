@@ -20,7 +20,7 @@ import pytest
 from benchmarks import replay_check, search_replay
 from benchmarks.common import synthetic_dataset
 from benchmarks.replay_table import Table, read_table, table_schema
-from search.priors import prior_params
+from search.sampling.priors import prior_params
 from spaces import Scheduler, parse_space
 
 SPACE = """\

@@ -22,8 +22,10 @@ from optuna.distributions import (
 )
 
 from search.cli import main
+from search.run.study_search import StudySearch
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
-from search.samplers import make_sampler, startup_trials
+from search.sampling.samplers import make_sampler, startup_trials
+from search.sampling.warm_start import WARM_START_ATTR, plan_warm_start
 from search.study import (
     SUPERSEDES_ATTR,
     TRIAL_ID_ATTR,
@@ -35,9 +37,7 @@ from search.study import (
     pull_journal,
     push_journal,
 )
-from search.study_search import StudySearch
-from search.warm_start import WARM_START_ATTR, fits, plan_warm_start
-from spaces import DefineByRun, load_space, parse_space
+from spaces import DefineByRun, fits, load_space, parse_space
 from tests.conftest import one_line_error
 from tests.rundir_fixture import sampled_run, search_json, trial_rows, write_run
 from trainable.data import cache_dir

@@ -23,10 +23,10 @@ import pytest
 from optuna.distributions import FloatDistribution
 
 from search.cli import main
-from search.dashboard import run_storage
 from search.rundir import STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir
-from search.searched import active_values
 from search.study import journal_path, open_storage
+from search.views.dashboard import run_storage
+from search.views.searched_params import active_values
 from spaces.space import load_space
 from tests.browser import Browser, chromium, free_port, get_json, poll, post_json, server
 from tests.rundir_fixture import sampled_run, write_tensorboard

@@ -16,7 +16,7 @@ from torchvision.models import resnet34, resnet50
 
 import trainable.storage
 from search.cli import main
-from search.request import SearchRequest
+from search.run.request import SearchRequest
 from tests.conftest import one_line_error, search_space_file, write_class_tree
 from tests.rundir_fixture import search_json, trial_rows, write_run
 from trainable import TrainConfig, UserError
@@ -143,7 +143,7 @@ def test_a_run_directory_gives_its_best_trials_checkpoint_to_train_and_search(
                                           "t-failed": (0.0, str(other_checkpoint))})
     monkeypatch.chdir(tmp_path)
     requests: list[SearchRequest] = []
-    monkeypatch.setattr("search.driver.new_search", requests.append)
+    monkeypatch.setattr("search.run.driver.new_search", requests.append)
     main(["search", "--space", str(search_space_file(tmp_path)), "--data", "digits",
           "--weights", "runs/first", "--storage", "runs"])
     assert requests[0].space.fixed["weights"] == str(best_checkpoint)
@@ -218,7 +218,7 @@ BAD_WEIGHTS = [
 def test_bad_weights_for_train_are_one_line_and_nothing_is_written(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         make_weights: Callable[[Path], str], message: str) -> None:
-    monkeypatch.setattr("search.retrain.load_dataset", never("read the data"))
+    monkeypatch.setattr("search.commands.train.load_dataset", never("read the data"))
     (tmp_path / "made").mkdir()
     weights = make_weights(tmp_path / "made")
     err = one_line_error(capsys, ["train", "--data", "digits", "--weights", weights,
@@ -231,7 +231,7 @@ def test_bad_weights_for_train_are_one_line_and_nothing_is_written(
 def test_bad_weights_for_search_are_one_line_and_nothing_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         make_weights: Callable[[Path], str], message: str) -> None:
-    monkeypatch.setattr("search.driver.new_search", never("open the run or start Ray"))
+    monkeypatch.setattr("search.run.driver.new_search", never("open the run or start Ray"))
     (tmp_path / "made").mkdir()
     weights = make_weights(tmp_path / "made")
     err = one_line_error(capsys, ["search", "--space", str(search_space_file(tmp_path)),
@@ -244,7 +244,7 @@ def test_bad_weights_for_search_are_one_line_and_nothing_starts(
 def test_a_searched_weights_choice_must_be_written_as_a_config_holds_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         resnet18_weights_file: Path) -> None:
-    monkeypatch.setattr("search.driver.new_search", never("open the run or start Ray"))
+    monkeypatch.setattr("search.run.driver.new_search", never("open the run or start Ray"))
     monkeypatch.chdir(resnet18_weights_file.parent)
     space = search_space_file(tmp_path)
     space.write_text(space.read_text().replace("weights: none, ", "") + (

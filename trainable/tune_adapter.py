@@ -88,7 +88,7 @@ def train_trial(config: dict[str, Any], data: DecodedData) -> None:
                 resume_from=Path(directory))
         if rows and len(rows) == restored:
             # The checkpoint held the whole run, and Tune's last result can be older (a
-            # checkpoint mended on --resume, search/tune_state.py): without a new report,
+            # checkpoint mended on --resume, search/run/tune_state.py): without a new report,
             # Tune would end the trial on that result, and the scheduler and the searcher
             # would take it for a trial stopped early.
             tune.report({**rows[-1], objective: running_best()})

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from search.defaults import DEFAULT_TRIALS
-from search.request import SearchRequest
+from search.run.request import SearchRequest
 from trainable.errors import UserError
 
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # present on a `ray up` head

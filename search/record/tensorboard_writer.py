@@ -26,7 +26,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from torch.utils.tensorboard import SummaryWriter
 
 from search.rundir import EPOCH_METRICS, TENSORBOARD_DIR, RunDir
-from search.searched import active_values
+from search.views.searched_params import active_values
 from spaces.space import Param
 from trainable import result_keys
 from trainable.config import TrainConfig

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from search.leaderboard import ensemble_text, importance_text, leaderboard, summary
-from search.plots import write_plots
 from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, PLOTS_DIR, SearchRun
-from search.searched import searched_params
+from search.views.leaderboard import ensemble_text, importance_text, leaderboard, summary
+from search.views.plots import write_plots
+from search.views.searched_params import searched_params
 from trainable.errors import UserError
 
 

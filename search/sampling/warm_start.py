@@ -23,7 +23,7 @@ from optuna.distributions import (
 )
 
 from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
-from spaces import SearchSpace
+from spaces import SearchSpace, fits
 from trainable import result_keys
 from trainable.errors import UserError
 from trainable.ranking import best_epoch_row, rank_trials
@@ -65,26 +65,6 @@ def _read(run: RunDir, name: str) -> list[dict[str, Any]]:
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"--warm-start: {run.uri_of(name)} is not readable Parquet ({e})"
                         ) from None
-
-
-def fits(value: Any, d: BaseDistribution) -> bool:
-    """Whether the value lies in the distribution as Optuna checks it: one of its choices, or
-    a number in its range on its step grid."""
-    try:
-        internal = d.to_internal_repr(value)  # ValueError: no choice, no number, NaN, <= 0 on log
-    except (TypeError, ValueError):
-        return False
-    if isinstance(d, CategoricalDistribution):
-        return True
-    assert isinstance(d, FloatDistribution | IntDistribution)
-    if not d.low <= internal <= d.high:
-        return False
-    if isinstance(d, IntDistribution):
-        return (internal - d.low) % d.step == 0
-    if d.step is None:
-        return True
-    steps = (internal - d.low) / d.step
-    return abs(steps - round(steps)) < 1e-8  # Optuna's tolerance on a float step grid
 
 
 def _clipped(value: float, d: FloatDistribution | IntDistribution) -> float | int:

@@ -11,9 +11,9 @@ from typing import Any
 
 from optuna.distributions import CategoricalDistribution
 
-from search.budget import Budget, parse_budget
-from search.confirm import check_confirm
 from search.defaults import DEFAULT_CONFIRM_SEEDS, DEFAULT_TRIALS, DEFAULT_WARM_START_TOP
+from search.run.budget import Budget, parse_budget
+from search.run.confirm import check_confirm
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import SearchSpace, load_space, parse_space
 from trainable.config import TrainConfig

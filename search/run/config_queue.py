@@ -1,5 +1,5 @@
 """ConfigQueue: a Tune searcher that hands out given configs in order, each once; the
-confirm stage's (search/confirm.py). Tune's BasicVariantGenerator takes preset configs only
+confirm stage's (search/run/confirm.py). Tune's BasicVariantGenerator takes preset configs only
 for keys its param space defines."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from optuna.distributions import (
 )
 
 from search.rundir import EPOCHS_FILE, PLOTS_DIR, RunDir, SearchRun
-from search.searched import active_values, format_value
+from search.views.searched_params import active_values, format_value
 from spaces.space import Param
 
 if TYPE_CHECKING:

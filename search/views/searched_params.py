@@ -7,14 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from optuna.distributions import (
-    BaseDistribution,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
 )
 
 from search.rundir import SEARCH_FILE, SearchRun, Trial
-from spaces.space import Param, parse_space
+from spaces.space import Param, fits, parse_space
 from trainable.config import field_names
 from trainable.errors import UserError
 
@@ -57,16 +56,9 @@ def active_values(trial: Trial, params: Sequence[Param]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for param in params:
         value = trial.get(param.name)
-        if value is not None and param.active(values) and fits(param.distribution, value):
+        if value is not None and param.active(values) and fits(value, param.distribution):
             values[param.name] = value
     return values
-
-
-def fits(distribution: BaseDistribution, value: Any) -> bool:
-    if isinstance(distribution, CategoricalDistribution):
-        return value in distribution.choices
-    assert isinstance(distribution, FloatDistribution | IntDistribution)
-    return bool(distribution.low <= value <= distribution.high)
 
 
 def format_value(value: Any) -> str:

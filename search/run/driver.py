@@ -18,15 +18,17 @@ from typing import Any
 
 from optuna.storages.journal import JournalStorage
 
-from search.best import best_trial_lines
-from search.budget import BudgetAccount, ConfirmCost
-from search.cluster import start_cluster
-from search.confirm import CONFIRM_DIR, ConfirmPlan
 from search.defaults import DEFAULT_TRIALS
-from search.priors import enqueue_priors
-from search.request import SearchRequest
+from search.run.budget import BudgetAccount, ConfirmCost
+from search.run.cluster import start_cluster
+from search.run.confirm import CONFIRM_DIR, ConfirmPlan
+from search.run.request import SearchRequest
+from search.run.study_search import StudySearch
+from search.run.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
 from search.rundir import SEARCH_FILE, STUDY_FILE, STUDY_NAME, TRIALS_FILE, RunDir, SearchRun
-from search.samplers import make_sampler
+from search.sampling.priors import enqueue_priors
+from search.sampling.samplers import make_sampler
+from search.sampling.warm_start import WarmStart, plan_warm_start
 from search.study import (
     check_journal,
     close_orphans,
@@ -35,9 +37,7 @@ from search.study import (
     open_study,
     pull_journal,
 )
-from search.study_search import StudySearch
-from search.tune_state import mend_trial_checkpoints, saved_trial_ids, tune_state_problem
-from search.warm_start import WarmStart, plan_warm_start
+from search.views.best import best_trial_lines
 from spaces import DefineByRun, SearchSpace
 from trainable import result_keys
 from trainable.data import Dataset, DecodedData, decode_dataset
@@ -99,7 +99,7 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
     --trials the budget alone ends the search."""
     from ray import tune
 
-    from search.budget_stopper import BudgetStopper
+    from search.run.budget_stopper import BudgetStopper
     from trainable.ranking import objective_name
 
     space = request.space
@@ -128,9 +128,9 @@ def run_config(request: SearchRequest, storage: str, name: str, results_uri: str
     results_uri's Parquet files, their scalars to the run's TensorBoard directory."""
     from ray import tune
 
-    from search.progress import ProgressPrinter
-    from search.results_writer import ResultsWriter
-    from search.tensorboard_writer import TensorBoardWriter
+    from search.record.progress import ProgressPrinter
+    from search.record.results_writer import ResultsWriter
+    from search.record.tensorboard_writer import TensorBoardWriter
 
     space = request.space
     callbacks = [
@@ -148,12 +148,12 @@ def run_config(request: SearchRequest, storage: str, name: str, results_uri: str
 
 def build_confirm_tuner(request: SearchRequest, data: DecodedData, concurrent: int,
                         configs: list[dict[str, Any]], confirm: RunDir) -> Any:
-    """The confirm stage's tuner (search/confirm.py): each config once, first come first
+    """The confirm stage's tuner (search/run/confirm.py): each config once, first come first
     run, in `confirm` (RUN/confirm)."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from search.config_queue import ConfigQueue
+    from search.run.config_queue import ConfigQueue
 
     return tune.Tuner(
         build_trainable(request, data),
@@ -230,7 +230,7 @@ def new_search(request: SearchRequest) -> None:
         print(warm_start.summary(), flush=True)
         warm_start.apply(study)
     elif priors := enqueue_priors(study, request.space, data.source):
-        print(f"the guides' recipes first: {priors} prior configs (search/priors.py)",
+        print(f"the guides' recipes first: {priors} prior configs (search/sampling/priors.py)",
               flush=True)
     print(f"search {request.name}: {describe_size(request, 'trials')}, sampler "
           f"{request.space.sampler}, scheduler {request.space.scheduler.name}, {concurrent} "
@@ -360,7 +360,7 @@ def finish_search(run: RunDir, request: SearchRequest, data: DecodedData, concur
 
 def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
                   concurrent: int) -> float:
-    """Train the run's best configs again (search/confirm.py), or finish doing so after a
+    """Train the run's best configs again (search/run/confirm.py), or finish doing so after a
     kill; search.json's "confirm" gets the plan first, then the outcome. Returns the
     GPU-hours the confirm runs took."""
     from ray import tune

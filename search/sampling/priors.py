@@ -1,16 +1,17 @@
 """Priors: the recipes the fine-tuning guides teach, the first trials of a new search.
 
 A new search enqueues them before the sampler draws anything (as --warm-start enqueues an
-earlier run's best configs, which replace them), whichever the sampler: with the small budgets
-users run (8-32 trials), starting from what the literature recommends beats random draws, and
-TPE counts them among its startup trials. Each prior is a set of TrainConfig values over its
-defaults; only the keys the space searches are taken, clipped into the space's ranges, a
-choice the space lacks left to the sampler (search/warm_start.py enqueued_params), and priors
-that end up equal are tried once. A space that trains from random weights (`weights: none`)
-gets none: the recipes are for fine-tuning a pretrained backbone. On the replay's noisy tables
-of 2026-12-07 (100 paired seeds, README: How the default search spends its trials) random
-search with the recipes first handed over a better model than random search alone on both
-fine-tuning tasks at 8 and 16 trials, with ASHA's reduction factor 3 of spaces/default.yaml.
+earlier run's best configs, which replace them), whichever the sampler: with the small
+budgets users run (8-32 trials), starting from what the literature recommends beats random
+draws, and TPE counts them among its startup trials. Each prior is a set of TrainConfig
+values over its defaults; only the keys the space searches are taken, clipped into the
+space's ranges, a choice the space lacks left to the sampler (search/sampling/warm_start.py
+enqueued_params), and priors that end up equal are tried once. A space that trains from
+random weights (`weights: none`) gets none: the recipes are for fine-tuning a pretrained
+backbone. On the replay's noisy tables of 2026-12-07 (100 paired seeds, README: How the
+default search spends its trials) random search with the recipes first handed over a better
+model than random search alone on both fine-tuning tasks at 8 and 16 trials, with ASHA's
+reduction factor 3 of spaces/default.yaml.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import optuna
 
-from search.warm_start import enqueued_params
+from search.sampling.warm_start import enqueued_params
 from spaces import SearchSpace
 from trainable.augment import resolved
 

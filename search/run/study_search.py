@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from search.budget import BudgetAccount
+from search.run.budget import BudgetAccount
 from search.study import SUPERSEDES_ATTR, TRIAL_ID_ATTR
 from spaces import DefineByRun
 from trainable.ranking import study_direction

@@ -9,9 +9,9 @@ from typing import Any
 
 import optuna
 
-from search.best import best_trial_lines
 from search.rundir import SearchRun, Trial
-from search.searched import active_values, format_value
+from search.views.best import best_trial_lines
+from search.views.searched_params import active_values, format_value
 from spaces.space import Param
 from trainable import result_keys
 from trainable.config import DEFAULT_METRIC

@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.tune.stopper import Stopper
 
-from search.budget import BudgetAccount
+from search.run.budget import BudgetAccount
 
 
 class BudgetStopper(Stopper):

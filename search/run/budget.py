@@ -1,7 +1,7 @@
 """`--budget`: how long a search may run, in wall time or GPU-hours, and what it has spent.
 
-A BudgetAccount is shared by the search's searcher (search/study_search.py), which asks it
-whether a new trial may start, and its BudgetStopper (search/budget_stopper.py), which
+A BudgetAccount is shared by the search's searcher (search/run/study_search.py), which asks it
+whether a new trial may start, and its BudgetStopper (search/run/budget_stopper.py), which
 stops the running trials once the budget is spent. No Ray here, so it is tested with a fake
 clock.
 """
@@ -55,7 +55,7 @@ def format_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class ConfirmCost:
-    """What a search's confirm stage (search/confirm.py) will run: `runs` trials of `epochs`
+    """What a search's confirm stage (search/run/confirm.py) will run: `runs` trials of `epochs`
     epochs each, `slots` at a time."""
     runs: int
     epochs: int

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from search.rundir import BEST_FILE, TRIALS_FILE, RunDir, SearchRun, Trial
-from search.searched import active_values, format_value, searched_params
+from search.views.searched_params import active_values, format_value, searched_params
 from trainable.config import TrainConfig, field_names
 from trainable.errors import UserError
 from trainable.storage import is_uri
@@ -60,7 +60,7 @@ def best_trial_lines(run: SearchRun) -> list[str]:
 
 
 def confirmed(run: SearchRun) -> dict[str, Any] | None:
-    """search.json's record of the confirm stage (search/confirm.py) once it chose."""
+    """search.json's record of the confirm stage (search/run/confirm.py) once it chose."""
     confirm = run.info.get("confirm") or {}
     return confirm if confirm.get("handed_over") is not None else None
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search.request import check_weights, resolve_weights
+from search.run.request import check_weights, resolve_weights
 from trainable import TrainConfig, fit, load_dataset
 from trainable.config import read_yaml_mapping
 from trainable.device_images import DeviceImages

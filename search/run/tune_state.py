@@ -98,7 +98,7 @@ def saved_trial_ids(run: RunDir) -> set[str]:
 def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list[str]:
     """Give every unfinished trial whose checkpoint (as Tune's newest state names it) is gone
     or cut short its newest whole checkpoint under that name. Returns one line per trial
-    mended. `trial_dirname`: the trial folders' names, as search.driver.trial_dirname makes
+    mended. `trial_dirname`: the trial folders' names, as search.run.driver.trial_dirname makes
     them."""
     names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
              if info.type == pafs.FileType.File]

@@ -2,7 +2,7 @@
 
 The top K trials (by the search metric at their best epoch) are loaded from their
 checkpoints and evaluated on the data each was trained on (decoded at the search's
-resolution, resized to its own, with its own stem; `search.ensemble_evaluation`). The result
+resolution, resized to its own, with its own stem; `search.ensembles.evaluation`). The result
 is one module (`trainable.fusion.EnsembleClassifier`: float RGB images in [0, 1] -> class
 probabilities), saved as an ensemble directory (`trainable.saved`) and, with --onnx,
 exported as one graph. With --method all every method is evaluated on the same members and
@@ -19,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from search.diversity import confusion_matrix, disagreement_text, pairwise_disagreement
-from search.ensemble_evaluation import (
+from search.ensembles.evaluation import (
     Fitted,
     Member,
     MemberOutputs,
@@ -30,8 +29,13 @@ from search.ensemble_evaluation import (
     member_outputs,
     scores_of_members,
 )
-from search.plots import confusion_matrices, png_bytes, write_plot
+from search.ensembles.member_diversity import (
+    confusion_matrix,
+    disagreement_text,
+    pairwise_disagreement,
+)
 from search.rundir import CONFUSION_MATRICES_FILE, ENSEMBLE_FILE, TRIALS_FILE, SearchRun
+from search.views.plots import confusion_matrices, png_bytes, write_plot
 from trainable.errors import UserError
 from trainable.export import export_onnx
 from trainable.fusion import EnsembleClassifier, EnsembleSpec, WeightedAverage

@@ -90,7 +90,7 @@ class ResultsWriter(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         # Read the checkpoint's rows even when Tune's last result says the files have them:
-        # a checkpoint mended on --resume (search/tune_state.py) holds later epochs.
+        # a checkpoint mended on --resume (search/run/tune_state.py) holds later epochs.
         self._restore_rows(trial, trust_last_result=False)
         self._update(trial, result_keys.RUNNING)
 
@@ -145,7 +145,7 @@ class ResultsWriter(tune.Callback):
         try:
             with checkpoint.filesystem.open_input_stream(where) as f:
                 rows = parse_trial_epochs(f.read().decode(), self._uri(where))
-        except OSError:  # gone (see search/tune_state.py): Tune reports the trial failed
+        except OSError:  # gone (see search/run/tune_state.py): Tune reports the trial failed
             return True
         for row in rows:
             if int(row["epoch"]) not in known:

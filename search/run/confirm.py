@@ -19,9 +19,9 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from search.best import trial_config
 from search.defaults import DEFAULT_CONFIRM_SEEDS
 from search.rundir import TRIALS_FILE, SearchRun, Trial
+from search.views.best import trial_config
 from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.errors import UserError
@@ -34,7 +34,7 @@ def check_confirm(top: int | None, seeds: int | None, trials: int | None) -> tup
     """(K, R) of --confirm K --confirm-seeds R, checked before the search starts: K 0 or
     none confirms nothing; K above the trials the search will run (when --trials, or its
     default, bounds it) cannot be confirmed. A budget's share for the confirm is known only
-    from the first epoch's time on (search/budget.py), so no budget is refused here."""
+    from the first epoch's time on (search/run/budget.py), so no budget is refused here."""
     if seeds is not None and seeds < 1:
         raise UserError(f"--confirm-seeds must be >= 1, got {seeds}")
     if top is None:
