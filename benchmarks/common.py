@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: synthetic image data, device timing and memory.
+"""Helpers shared by the benchmarks (and tests): synthetic image data, device timing and
+memory, a local S3 server.
 
 The benchmarks run from a plain copy of the repository (no `pip install`, no Ray), so this
 module and the scripts import nothing from the project but `trainable`.
@@ -6,9 +7,14 @@ module and the scripts import nothing from the project but `trainable`.
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import re
 import resource
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,3 +139,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to PyTorch")
     return torch.device(name)
+
+
+@contextlib.contextmanager
+def moto_s3(log: Path) -> Iterator[dict[str, str]]:
+    """A moto S3 server on a free port of 127.0.0.1, its output in `log`: yields the
+    environment that points pyarrow, boto3 and child processes at it, as a user exports it."""
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        while not (found := re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())):
+            if server.poll() is not None:
+                raise RuntimeError(f"the moto server exited ({server.returncode}): "
+                                   f"{log.read_text()}")
+            time.sleep(0.1)
+        yield {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{found[1]}",
+               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    finally:
+        server.terminate()
+        server.wait()

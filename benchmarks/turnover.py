@@ -43,7 +43,6 @@ import itertools
 import logging
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -56,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import moto_s3
 from search.rundir import EPOCHS_FILE, RunDir
 from trainable import result_keys
 
@@ -308,30 +308,14 @@ def load() -> str:
 
 @contextlib.contextmanager
 def s3_bucket(tmp: str) -> Iterator[str]:
-    """A moto S3 server on a free local port with an empty bucket, this process's environment
-    (inherited by Ray's processes) pointed at it; yields the bucket's URI."""
-    log = Path(tmp) / "moto.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        while not (found := re.search(r"Running on http://127\.0\.0\.1:(\d+)",
-                                      log.read_text())):
-            if server.poll() is not None:
-                raise SystemExit(f"--s3: the moto server exited: {log.read_text()}")
-            time.sleep(0.1)
-        os.environ.update({
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{found[1]}", "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true"})
+    """A moto S3 server with an empty bucket, this process's environment (inherited by Ray's
+    processes) pointed at it; yields the bucket's URI."""
+    with moto_s3(Path(tmp) / "moto.log") as env:
+        os.environ.update(env)
         import boto3
 
         boto3.client("s3").create_bucket(Bucket="turnover")
         yield "s3://turnover/runs"
-    finally:
-        server.terminate()
-        server.wait()
 
 
 @contextlib.contextmanager

@@ -115,7 +115,8 @@ def test_a_module_of_the_old_flat_layout_imports_as_the_one_it_became() -> None:
 
     from search.run.study_search import StudySearch
 
-    old = pickle.dumps(StudySearch, protocol=0).replace(b"search.run.study_search", b"search.study_search")
+    old = pickle.dumps(StudySearch, protocol=0).replace(b"search.run.study_search",
+                                                        b"search.study_search")
     assert pickle.loads(old) is StudySearch
     from search import MOVED
 

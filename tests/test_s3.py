@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from benchmarks.common import moto_s3
 from search.cli import main
 from search.commands.predict import predict_command
 from search.rundir import RunDir
@@ -41,29 +40,14 @@ search:
 def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A moto S3 server on a free port of 127.0.0.1 with an empty bucket; the environment
     that points this process (pyarrow, boto3) and its children at it, as a user exports it."""
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        while not (found := re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())):
-            if server.poll() is not None:
-                pytest.fail(f"moto server exited ({server.returncode}): {log.read_text()}")
-            time.sleep(0.1)
-        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{found[1]}",
-               "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-        with pytest.MonkeyPatch.context() as mp:
-            for key, value in env.items():
-                mp.setenv(key, value)
-            import boto3
+    with moto_s3(tmp_path_factory.mktemp("moto") / "server.log") as env, \
+            pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import boto3
 
-            boto3.client("s3").create_bucket(Bucket=BUCKET)
-            yield env
-    finally:
-        server.terminate()
-        server.wait()
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        yield env
 
 
 def bucket_files(prefix: str) -> dict[str, int]:
