@@ -113,6 +113,9 @@ class Strategy:
             scheduler, grace_period=self.grace_period or scheduler.grace_period,
             reduction_factor=self.reduction_factor or scheduler.reduction_factor)
 
+    def on_table(self, table: Table, trials: int, seed: int, slots: int) -> Outcome:
+        return replay(TableRuns(table), table.space, table.data, self, trials, seed, slots)
+
 
 def half_the_trials(trials: int) -> int:
     return max(2, trials // 2)
@@ -132,7 +135,6 @@ STRATEGIES: dict[str, Strategy] = {
     "default+confirm-2": Strategy(confirm=2),
     "random+asha+confirm-2": Strategy("random", priors=False, confirm=2),
 }
-BASELINES = ("1-epoch-top-k", "recipe")
 REFERENCE = "random+asha"
 
 
@@ -304,31 +306,45 @@ def confirm(runs: Runs, candidates: list[dict[str, Any]], drawn: list[int], seed
     return candidates[best], epochs, seconds / slots
 
 
-def recipe(table: Table) -> Outcome:
+class Recipe:
     """The guides' recipe as one trial: the first prior (TrainConfig's defaults)."""
-    index = table.nearest(prior_params(table.space, table.data)[0])
-    curve = table.runs[index][0]
-    return Outcome(table.handed_over(index), best_val(curve), len(curve.val_acc),
-                   float(curve.epoch_time_s.sum()))
+
+    def on_table(self, table: Table, trials: int, seed: int, slots: int) -> Outcome:
+        index = table.nearest(prior_params(table.space, table.data)[0])
+        curve = table.runs[index][0]
+        return Outcome(table.handed_over(index), best_val(curve), len(curve.val_acc),
+                       float(curve.epoch_time_s.sum()))
 
 
-def top_k(table: Table, trials: int, seed: int, slots: int) -> Outcome:
+class OneEpochTopK:
     """`trials` random configurations trained one epoch each, the best quarter (at least
     one) trained on to max_epochs (arXiv 2307.15422's baseline)."""
-    study = optuna.create_study(sampler=make_sampler("random", seed, trials))
-    define = DefineByRun(table.space)
-    rng = np.random.default_rng([seed, 1])
-    configs = [table.nearest(define(study.ask())) for _ in range(trials)]
-    curves = [table.runs[c][int(rng.integers(len(table.runs[c])))] for c in configs]
-    first = [np.nan_to_num(c.val_acc[0], nan=-1.0) for c in curves]
-    kept = sorted(range(trials), key=lambda i: -first[i])[:max(1, trials // 4)]
-    found = [np.nan_to_num(best_val(curves[i]), nan=-1.0) if i in kept else first[i]
-             for i in range(trials)]
-    best = int(np.argmax(found))
-    epochs = trials + sum(len(curves[i].val_acc) - 1 for i in kept)
-    seconds = (sum(float(c.epoch_time_s[0]) for c in curves)
-               + sum(float(curves[i].epoch_time_s[1:].sum()) for i in kept)) / slots
-    return Outcome(table.handed_over(configs[best]), float(found[best]), epochs, seconds)
+
+    def on_table(self, table: Table, trials: int, seed: int, slots: int) -> Outcome:
+        study = optuna.create_study(sampler=make_sampler("random", seed, trials))
+        define = DefineByRun(table.space)
+        rng = np.random.default_rng([seed, 1])
+        configs = [table.nearest(define(study.ask())) for _ in range(trials)]
+        curves = [table.runs[c][int(rng.integers(len(table.runs[c])))] for c in configs]
+        first = [np.nan_to_num(c.val_acc[0], nan=-1.0) for c in curves]
+        kept = sorted(range(trials), key=lambda i: -first[i])[:max(1, trials // 4)]
+        found = [np.nan_to_num(best_val(curves[i]), nan=-1.0) if i in kept else first[i]
+                 for i in range(trials)]
+        best = int(np.argmax(found))
+        epochs = trials + sum(len(curves[i].val_acc) - 1 for i in kept)
+        seconds = (sum(float(c.epoch_time_s[0]) for c in curves)
+                   + sum(float(curves[i].epoch_time_s[1:].sum()) for i in kept)) / slots
+        return Outcome(table.handed_over(configs[best]), float(found[best]), epochs, seconds)
+
+
+class OnTable(Protocol):
+    def on_table(self, table: Table, trials: int, seed: int, slots: int) -> Outcome: ...
+
+
+# Every search the replay runs by name: the strategies, then two baselines that are not
+# searches of the driver's kind.
+SEARCHES: dict[str, OnTable] = {**STRATEGIES, "1-epoch-top-k": OneEpochTopK(),
+                                "recipe": Recipe()}
 
 
 def run_one(job: tuple[Path, str, int, int, int]) -> tuple[str, str, int, Outcome]:
@@ -336,14 +352,7 @@ def run_one(job: tuple[Path, str, int, int, int]) -> tuple[str, str, int, Outcom
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     table = cached_table(path)
-    if name == "recipe":
-        outcome = recipe(table)
-    elif name == "1-epoch-top-k":
-        outcome = top_k(table, trials, seed, slots)
-    else:
-        outcome = replay(TableRuns(table), table.space, table.data, STRATEGIES[name], trials,
-                         seed, slots)
-    return table.task, name, trials, outcome
+    return table.task, name, trials, SEARCHES[name].on_table(table, trials, seed, slots)
 
 
 @cache
@@ -412,16 +421,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", default="8,16,32,64", help="trials, comma-separated")
     parser.add_argument("--seeds", type=int, default=100)
     parser.add_argument("--slots", type=int, default=2, help="trials running at a time")
-    parser.add_argument("--strategies", default=",".join([*STRATEGIES, *BASELINES]))
+    parser.add_argument("--strategies", default=",".join(SEARCHES))
     parser.add_argument("--workers", type=int, default=2, help="processes")
     args = parser.parse_args(argv)
     paths = table_paths(Path(args.tables))
     budgets = sorted({int(b) for b in args.budgets.split(",")})
     names = args.strategies.split(",")
-    unknown = [n for n in names if n not in STRATEGIES and n not in BASELINES]
+    unknown = [n for n in names if n not in SEARCHES]
     if unknown:
         raise SystemExit(f"--strategies: unknown {unknown[0]!r}; known: "
-                         + ", ".join([*STRATEGIES, *BASELINES]))
+                         + ", ".join(SEARCHES))
     for required in ("default", REFERENCE):
         if required not in names:
             names.append(required)

@@ -117,7 +117,7 @@ def test_replay_prints_the_handed_over_verdict_and_repeats_its_numbers_from_the_
     tables.mkdir()
     write_tiny_table(tables / "tiny.parquet")
     # every strategy but GP, whose model costs seconds a trial
-    names = [n for n in [*search_replay.STRATEGIES, *search_replay.BASELINES] if n != "gp"]
+    names = [n for n in search_replay.SEARCHES if n != "gp"]
     argv = ["--tables", str(tables), "--budgets", "6,12", "--seeds", "3", "--workers", "1",
             "--strategies", ",".join(names)]
     search_replay.main(argv)
