@@ -3,7 +3,7 @@
     trials.parquet   one row per trial (see TRIAL_COLUMNS), replaced atomically as trials report
     epochs.parquet   one row per reported epoch (see EPOCH_COLUMNS)
     search.json      how the search was started: space text, sampler, seed, versions, command
-    search.json.copy the same, which Ray Tune leaves alone (RunDir.write_search_info says why)
+    *.json.copy      a copy of each JSON file, which Ray Tune leaves alone (RunDir.write_json)
     study.journal    the Optuna study (Optuna's journal file storage): every trial the sampler
                      saw, for `--add-trials`, `--warm-start` and optuna-dashboard
     tensorboard/     one sub-directory per trial: scalars and HParams
@@ -37,7 +37,6 @@ from trainable.storage import open_uri
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
 SEARCH_FILE = "search.json"
-SEARCH_COPY_FILE = "search.json.copy"
 STUDY_FILE = "study.journal"  # optuna.storages.journal.JournalFileBackend's file
 STUDY_NAME = "search"  # the study's name inside STUDY_FILE
 BEST_FILE = "best.yaml"
@@ -136,7 +135,19 @@ class RunDir:
         self.write_bytes(name, buffer.getvalue().to_pybytes())
 
     def read_json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the run; one cut short (see write_json) is mended from its copy."""
         self.require(name)
+        try:
+            return self._parsed_json(name)
+        except ValueError as e:
+            if not self.exists(json_copy(name)):
+                raise UserError(f"{self.uri_of(name)}: not a whole JSON file ({e}); it has no "
+                                f"{json_copy(name)} to mend it from") from None
+        values = self._parsed_json(json_copy(name))
+        self.write_text(name, json.dumps(values, indent=2, default=str) + "\n")
+        return values
+
+    def _parsed_json(self, name: str) -> dict[str, Any]:
         with self.fs.open_input_stream(self.join(name)) as f:
             return dict(json.loads(f.read().decode()))
 
@@ -152,29 +163,19 @@ class RunDir:
         self.fs.move(tmp, self.join(name))
 
     def write_json(self, name: str, values: dict[str, Any]) -> None:
-        self.write_text(name, json.dumps(values, indent=2, default=str) + "\n")
+        """The file, and its copy first. A resumed Ray Tune run (2.60) copies every top-level
+        .json of its run directory (search.json, ensemble.json) into its staging directory
+        when it restores and back over the original, in place, each time it saves its state
+        (tune/execution/experiment_state.py, sync_down_experiment_state): a kill during that
+        copy cuts the file short. Tune leaves the copy alone (not a .json)."""
+        text = json.dumps(values, indent=2, default=str) + "\n"
+        self.write_text(json_copy(name), text)
+        self.write_text(name, text)
 
-    def write_search_info(self, info: dict[str, Any]) -> None:
-        """search.json, and its copy first. A resumed Ray Tune run (2.60) copies every
-        top-level .json of the run directory into its staging directory when it restores
-        and back over the original, in place, each time it saves its state
-        (tune/execution/experiment_state.py, sync_down_experiment_state): a kill during
-        that copy cuts search.json short. Tune leaves the copy alone (not a .json)."""
-        self.write_json(SEARCH_COPY_FILE, info)
-        self.write_json(SEARCH_FILE, info)
 
-    def read_search_info(self) -> dict[str, Any]:
-        """search.json; one cut short (see write_search_info) is mended from its copy."""
-        self.require(SEARCH_FILE)
-        try:
-            return self.read_json(SEARCH_FILE)
-        except ValueError as e:
-            if not self.exists(SEARCH_COPY_FILE):
-                raise UserError(f"{self.uri_of(SEARCH_FILE)}: not a whole JSON file ({e}); "
-                                f"it has no {SEARCH_COPY_FILE} to mend it from") from None
-        info = self.read_json(SEARCH_COPY_FILE)
-        self.write_json(SEARCH_FILE, info)
-        return info
+def json_copy(name: str) -> str:
+    """The name of the copy RunDir.write_json keeps of a JSON file."""
+    return f"{name}.copy"
 
 
 Trial = dict[str, Any]  # one row of trials.parquet
@@ -190,7 +191,7 @@ class SearchRun:
     @classmethod
     def open(cls, uri: str) -> SearchRun:
         rundir = RunDir.open(uri)
-        info = rundir.read_search_info()
+        info = rundir.read_json(SEARCH_FILE)
         run = cls(rundir, info, rundir.read_table(TRIALS_FILE).to_pylist())
         if run.metric not in METRIC_MODES:
             raise UserError(f"{rundir.uri_of(SEARCH_FILE)}: 'metric' must be one of "

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from search.run.tune_state import tune_state_problem
-from search.rundir import EPOCHS_FILE, SEARCH_COPY_FILE, SEARCH_FILE, TRIALS_FILE, RunDir
+from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, RunDir, json_copy
 from tests.conftest import reported_epochs, stopped, trial_worker_pids, write_class_tree
 from trainable.errors import UserError
 
@@ -232,7 +232,7 @@ def test_resume_refuses_tune_state_cut_off_by_a_kill(tmp_path: Path) -> None:
 
 def test_a_search_json_cut_short_is_mended_from_its_copy(tmp_path: Path) -> None:
     """A resumed Tune run copies search.json over itself, in place, each time it saves its
-    state (RunDir.write_search_info): one that a kill cut short is read from its copy."""
+    state (RunDir.write_json): one that a kill cut short is read from its copy."""
     from ray.tune.execution.experiment_state import _ExperimentCheckpointManager
 
     # the Ray code that does it, as checked (Ray 2.60): every top-level .json comes down
@@ -240,14 +240,14 @@ def test_a_search_json_cut_short_is_mended_from_its_copy(tmp_path: Path) -> None
         _ExperimentCheckpointManager.sync_down_experiment_state)
     run = RunDir.open(tmp_path)
     info = {"metric": "val_acc", "trials": 8}
-    run.write_search_info(info)
+    run.write_json(SEARCH_FILE, info)
     (tmp_path / SEARCH_FILE).write_bytes(b'{"metric": "va')
-    assert run.read_search_info() == info
+    assert run.read_json(SEARCH_FILE) == info
     assert json.loads((tmp_path / SEARCH_FILE).read_text()) == info
     (tmp_path / SEARCH_FILE).write_bytes(b"")
-    (tmp_path / SEARCH_COPY_FILE).unlink()
+    (tmp_path / json_copy(SEARCH_FILE)).unlink()
     with pytest.raises(UserError, match=f"{tmp_path}/{SEARCH_FILE}: not a whole JSON file"):
-        run.read_search_info()
+        run.read_json(SEARCH_FILE)
 
 
 def kill_worker_mid_trial(run: Path, epochs: int, killed: list[tuple[int, float]],

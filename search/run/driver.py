@@ -221,7 +221,7 @@ def new_search(request: SearchRequest) -> None:
     meta = search_metadata(request, data)
     if warm_start is not None:
         meta["warm_start"] = warm_start.record()
-    run.write_search_info(meta)
+    run.write_json(SEARCH_FILE, meta)
     if run.local_path() is None:
         journal_path(run).unlink(missing_ok=True)  # the driver's copy of an earlier run's
     storage = open_storage(run)
@@ -268,7 +268,7 @@ def add_trials(request: SearchRequest) -> None:
     is conditioned on every trial already in it."""
     run = RunDir.open(request.run_uri)
     pull_journal(run)
-    check_finished(run, run.read_search_info())
+    check_finished(run, run.read_json(SEARCH_FILE))
     if not journal_path(run).exists():
         raise UserError(f"--add-trials: {run.uri} has no {STUDY_FILE} (it was searched "
                         "before the study was kept in the run), so its sampler history "
@@ -280,7 +280,7 @@ def add_trials(request: SearchRequest) -> None:
     study = open_study(storage, request.space)
     earlier = len(study.trials)
     close_orphans(study, set())  # none is running: the search finished
-    meta = run.read_search_info()
+    meta = run.read_json(SEARCH_FILE)
     total = meta["trials"] + request.trials
     meta["added"] = [*meta.get("added", []), {
         "trials": request.trials, "after": meta["trials"], "command": request.command_line,
@@ -291,7 +291,7 @@ def add_trials(request: SearchRequest) -> None:
         meta["added"][-1]["confirm_before"] = meta.pop("confirm")
         print("--add-trials: the confirm stage of the search before chose among its trials "
               "only; the best trial of all is handed over now", flush=True)
-    run.write_search_info(meta)
+    run.write_json(SEARCH_FILE, meta)
     print(f"search {request.name}: {describe_size(request, 'more trials')}"
           f" after {total - request.trials}, sampler {request.space.sampler} with the "
           f"{earlier} trials of its study as history, {concurrent} at a time; results in "
@@ -373,7 +373,7 @@ def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
         plan = ConfirmPlan.make(search, request.confirm, request.confirm_seeds,
                                 request.space.scheduler.max_epochs)
     meta["confirm"] = record | plan.record()
-    search.rundir.write_search_info(meta)
+    search.rundir.write_json(SEARCH_FILE, meta)
     confirm = RunDir.open(search.rundir.uri_of(CONFIRM_DIR))
     print(f"\nconfirm: the best {len(plan.trial_ids)} configs again for {plan.epochs} epochs "
           f"with seeds {', '.join(map(str, plan.seeds))} (no search trial used them); "
@@ -392,7 +392,7 @@ def confirm_stage(search: SearchRun, request: SearchRequest, data: DecodedData,
     if interrupted(rows):  # Ctrl-C: --resume finishes it
         raise KeyboardInterrupt
     meta["confirm"] = meta["confirm"] | plan.outcome(search, rows)
-    search.rundir.write_search_info(meta)
+    search.rundir.write_json(SEARCH_FILE, meta)
     return sum(row["gpu_hours"] or 0.0 for row in rows)
 
 
@@ -420,7 +420,7 @@ def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
     if account is not None:
         early = [r["trial_id"] for r in stopped_early(rows)]
         meta["budgets_spent"] = [*meta.get("budgets_spent", []), account.record(early)]
-    search.rundir.write_search_info(meta)
+    search.rundir.write_json(SEARCH_FILE, meta)
 
 
 def print_summary(search: SearchRun, account: BudgetAccount | None = None) -> None:

@@ -217,7 +217,7 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if not run.exists(SEARCH_FILE):
         raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
                         f"({run.uri} holds no {SEARCH_FILE})")
-    meta = run.read_search_info()
+    meta = run.read_json(SEARCH_FILE)
     budget = check_budget(args.budget, meta["gpus_per_trial"])  # refused above on --resume
     space = parse_space(meta["space_text"], meta["space_file"]).replace(
         sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])

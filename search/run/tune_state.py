@@ -23,6 +23,7 @@ import json
 import pickletools
 import posixpath
 import zipfile
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -51,11 +52,25 @@ def _whole(data: bytes, kind: str) -> str | None:
     return None
 
 
+def _file_names(run: RunDir) -> list[str]:
+    return [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
+            if info.type == pafs.FileType.File]
+
+
+def _saved_trials(run: RunDir) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(trial, metadata) of every trial in Tune's newest saved state, as Tune reads it."""
+    states = fnmatch.filter(_file_names(run), "experiment_state-*.json")
+    if not states:
+        return []
+    with run.fs.open_input_stream(run.join(max(states))) as f:
+        trial_data = json.loads(f.read())["trial_data"]
+    return [(json.loads(trial), json.loads(metadata)) for trial, metadata in trial_data]
+
+
 def tune_state_problem(run: RunDir) -> str | None:
     """None if every Tune state file `--resume` needs is whole, else one line naming the
     first cut-off file."""
-    names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
-             if info.type == pafs.FileType.File]
+    names = _file_names(run)
     for pattern, kind in TUNE_STATE_FILES:
         matching = fnmatch.filter(names, pattern)
         if not matching:
@@ -85,14 +100,7 @@ def whole_checkpoint(fs: pafs.FileSystem, path: str) -> bool:
 
 def saved_trial_ids(run: RunDir) -> set[str]:
     """The trials of Tune's newest saved state: those `--resume` goes on with."""
-    names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
-             if info.type == pafs.FileType.File]
-    states = fnmatch.filter(names, "experiment_state-*.json")
-    if not states:
-        return set()
-    with run.fs.open_input_stream(run.join(max(states))) as f:
-        trial_data = json.loads(f.read())["trial_data"]
-    return {json.loads(trial_json)["trial_id"] for trial_json, _ in trial_data}
+    return {trial["trial_id"] for trial, _ in _saved_trials(run)}
 
 
 def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list[str]:
@@ -100,16 +108,8 @@ def mend_trial_checkpoints(run: RunDir, trial_dirname: str = "trial_{}") -> list
     or cut short its newest whole checkpoint under that name. Returns one line per trial
     mended. `trial_dirname`: the trial folders' names, as search.run.driver.trial_dirname makes
     them."""
-    names = [info.base_name for info in run.fs.get_file_info(pafs.FileSelector(run.path))
-             if info.type == pafs.FileType.File]
-    states = fnmatch.filter(names, "experiment_state-*.json")
-    if not states:
-        return []
-    with run.fs.open_input_stream(run.join(max(states))) as f:
-        trial_data = json.loads(f.read())["trial_data"]
     mended = []
-    for trial_json, metadata_json in trial_data:
-        trial, metadata = json.loads(trial_json), json.loads(metadata_json)
+    for trial, metadata in _saved_trials(run):
         named = (metadata.get("last_result") or {}).get("checkpoint_dir_name")
         if trial.get("status") == result_keys.TERMINATED or not named:
             continue
