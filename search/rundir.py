@@ -13,6 +13,8 @@
     ensemble.json    the last ensemble evaluated by `resnet-hpo ensemble`
     data/KEY/        the decoded images every trial maps (trainable.data_file), published by
                      the driver, fetched once by each other node
+    budget/          what a search with --budget has spent while it runs, for --resume
+                     (search/run/budget.py); search.json's budgets_spent once it has ended
 """
 
 from __future__ import annotations

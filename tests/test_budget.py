@@ -4,7 +4,6 @@ stopper it drives, the flags it is refused with, and one real search that a budg
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,15 +11,23 @@ import pyarrow.parquet as pq
 import pytest
 from ray.tune.search import Searcher
 
-from search.cli import build_parser, main
+from search.cli import build_parser
 from search.defaults import DEFAULT_TRIALS
-from search.run.budget import Budget, BudgetAccount, format_duration, parse_budget
+from search.run.budget import (
+    SPENDING_DIR,
+    SPENDING_FILE,
+    Budget,
+    BudgetAccount,
+    format_duration,
+    parse_budget,
+    running,
+)
 from search.run.budget_stopper import BudgetStopper
 from search.run.cluster import check_resources
 from search.run.driver import record_end
 from search.run.request import continue_request, request_from_args
 from search.run.study_search import StudySearch
-from search.rundir import EPOCHS_FILE, SEARCH_FILE, TRIALS_FILE, SearchRun
+from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
 from spaces import DefineByRun, load_space
 from tests.conftest import one_line_error, search_space_file
 from tests.test_study import finished_run, whole_journal
@@ -89,9 +96,6 @@ def refused_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     (["--budget", "2x"], "--budget '2x': give a wall time (45s, 90m, 2h) or GPU-hours"),
     (["--budget=-1h"], "--budget '-1h': give a wall time"),
     (["--budget", "0h"], "--budget '0h': give a wall time"),
-    (["--budget", "1gpu-h", "--gpus-per-trial", "0"],
-     "--budget 1gpu-h: the trials use no GPU (--gpus-per-trial 0), so they spend no "
-     "GPU-hours; use a wall-time budget (e.g. --budget 2h)"),
     (["--budget", "1h", "--trials", "0"], "--trials must be >= 1, got 0"),
 ])
 def test_bad_budget_flags_are_one_line_before_ray_starts(
@@ -146,16 +150,24 @@ def test_add_trials_to_a_budget_search_that_was_interrupted_says_to_resume_it(
     assert "was interrupted (12 trials finished)" in err
 
 
-def test_a_gpu_hour_budget_on_a_cluster_without_gpus_says_to_use_wall_time(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("search.run.cluster.node_capacity", lambda: [{"CPU": 2.0}])
+@pytest.mark.parametrize(("gpus", "cluster_gpus", "expected"), [
+    ("0.25", 0, "--budget 1.5gpu-h: the Ray cluster has no GPUs, so the trials spend no "
+                "GPU-hours; use a wall-time budget (e.g. --budget 2h) and --gpus-per-trial 0"),
+    ("0", 1, "--budget 1.5gpu-h: the trials use none (--gpus-per-trial 0), so the trials spend "
+             "no GPU-hours; use a wall-time budget (e.g. --budget 2h)"),
+])
+def test_a_gpu_hour_budget_without_gpus_is_one_refusal_that_says_to_use_wall_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpus: str, cluster_gpus: int,
+        expected: str) -> None:
+    monkeypatch.setattr("search.run.cluster.node_capacity",
+                        lambda: [{"CPU": 2.0, "GPU": cluster_gpus}])
     monkeypatch.setattr("search.run.cluster.autoscaler_node_types", lambda: [])
     request = request_from_args(search_args("--space", str(search_space_file(tmp_path)),
-                                            "--budget", "1.5gpu-h", "--gpus-per-trial",
-                                            "0.25"), {})
-    with pytest.raises(UserError, match=r"^--budget 1.5gpu-h: the Ray cluster has no GPUs.*"
-                                        r"use a wall-time budget"):
+                                            "--budget", "1.5gpu-h", "--gpus-per-trial", gpus),
+                                {})
+    with pytest.raises(UserError) as refused:
         check_resources(request)
+    assert str(refused.value) == expected
 
 
 def test_a_wall_budget_refuses_a_trial_that_would_end_past_it() -> None:
@@ -213,11 +225,13 @@ def test_the_summary_says_what_the_budget_bought() -> None:
     for trial_id in ("a", "b", "c", "d"):
         account.trial_started(trial_id)
     clock.now += 7080
-    stopper = BudgetStopper(account)
-    assert not stopper("a", {"time_this_iter_s": 60.0})
-    clock.now += 130
-    assert stopper("b", {"time_this_iter_s": 60.0}) and stopper("c", {})
-    assert not stopper.stop_all()
+    stopper = BudgetStopper()
+    assert not stopper("a", {"time_this_iter_s": 60.0})  # no search with a budget running
+    with running(account):
+        assert not stopper("a", {"time_this_iter_s": 60.0})
+        clock.now += 130
+        assert stopper("b", {"time_this_iter_s": 60.0}) and stopper("c", {})
+        assert not stopper.stop_all()
     for trial_id in ("a", "b", "c", "d"):
         account.trial_finished(trial_id)
     # a and d stopped early by ASHA; c ran its last epoch when the budget stopped it
@@ -235,92 +249,72 @@ def test_the_summary_says_what_the_budget_bought() -> None:
     assert gpu.summary_line([]) == "budget 1.5gpu-h: spent 0.50gpu-h (1h wall time) on 1 trial"
 
 
-def test_a_pickled_account_keeps_what_was_spent_but_not_its_clock() -> None:
+def test_an_account_goes_on_from_what_its_part_of_the_run_spent(tmp_path: Path) -> None:
+    """What a kill leaves in the run (saved every SAVE_EVERY_S); a new clock, and trials
+    then running count again from their next report."""
     clock = FakeClock()
-    account = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0,
-                            clock=lambda: clock.now)  # a lambda: pickle refuses it
+    run = RunDir.open(tmp_path / "run")
+    account = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0, clock=clock, run=run,
+                            part=1)
     account.trial_started("a")
     account.trial_started("b")
     clock.now += 200
     account.trial_finished("b")
     clock.now += 400
-    copy = pickle.loads(pickle.dumps(account))
-    assert copy.gpu_spent_s == pytest.approx(800, abs=1)  # a 600 s, b 200 s
-    assert copy.wall_spent_s == pytest.approx(600, abs=1)
-    assert copy.trial_ids == {"a", "b"} and copy.budget == account.budget
-    fresh = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0, clock=clock)
-    fresh.carry_over(copy)
-    assert fresh.gpu_spent_s == pytest.approx(800, abs=1) and fresh.clock is clock
-    assert fresh.finished_trial_s == [200]  # the estimate for the next trial
-    fresh.epoch_reported("a", 10.0)  # a restored trial counts again from its next report
-    clock.now += 100
-    assert fresh.gpu_spent_s == pytest.approx(900, abs=1)
+    account.epoch_reported("a", 10.0)  # 600 s since the last save: saved
+    clock.now += 5
+    account.epoch_reported("a", 10.0)  # 5 s: not yet
+    saved = json.loads((tmp_path / "run" / SPENDING_DIR / SPENDING_FILE).read_text())
+    assert saved["earlier_wall_s"] == pytest.approx(600)  # as of the save, not 605
+
+    later = FakeClock()
+    later.now = 50.0  # another process's clock
+    again = BudgetAccount(Budget(3600, "gpu-h"), gpus_per_trial=1.0, clock=later, run=run,
+                          part=1)
+    assert again.gpu_spent_s == pytest.approx(800) and again.wall_spent_s == pytest.approx(600)
+    assert again.trial_ids == {"a", "b"} and again.finished_trial_s == [200]
+    again.epoch_reported("a", 10.0)  # restarted by --resume: counts again from here
+    later.now += 100
+    assert again.gpu_spent_s == pytest.approx(900)
+    for budget, part in ((Budget(3600, "gpu-h"), 2), (Budget(7200, "gpu-h"), 1)):
+        fresh = BudgetAccount(budget, gpus_per_trial=1.0, clock=later, run=run, part=part)
+        assert fresh.spent == 0 and not fresh.trial_ids  # another part's: not carried over
+    again.end()
+    assert not (tmp_path / "run" / SPENDING_DIR).exists()
 
 
-def test_the_searcher_finishes_once_the_budget_refuses_and_saves_with_it(
+def test_the_searcher_asks_the_running_search_s_account_and_finishes_when_it_refuses(
         tmp_path: Path) -> None:
     clock = FakeClock()
 
-    def searcher(account: BudgetAccount) -> StudySearch:
+    def searcher() -> StudySearch:
         return StudySearch(space=DefineByRun(load_space("quick")), metric="best_val_acc",
-                           mode="max", account=account)
+                           mode="max")
 
-    account = BudgetAccount(Budget(90, "wall"), gpus_per_trial=0, clock=lambda: clock.now)
-    search = searcher(account)
-    assert isinstance(search.suggest("a"), dict)
-    clock.now += 30
-    search.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": 1})
-    assert account.trial_ids == {"a"} and account.finished_trial_s == [30]
-    assert isinstance(search.suggest("b"), dict)  # 30 s + 30 (the mean trial) < 90
-    clock.now += 31
-    assert search.suggest("c") == Searcher.FINISHED
-    assert account.trial_ids == {"a", "b"}
-    search.save(str(tmp_path / "searcher.pkl"))  # the lambda clock is not pickled
+    account = BudgetAccount(Budget(90, "wall"), gpus_per_trial=0, clock=clock)
+    search = searcher()
+    with running(account):
+        assert isinstance(search.suggest("a"), dict)
+        clock.now += 30
+        search.on_trial_complete("a", {"best_val_acc": 0.5, "epoch": 1})
+        assert account.trial_ids == {"a"} and account.finished_trial_s == [30]
+        assert isinstance(search.suggest("b"), dict)  # 30 s + 30 (the mean trial) < 90
+        clock.now += 31
+        assert search.suggest("c") == Searcher.FINISHED
+        assert account.trial_ids == {"a", "b"}
+        search.save(str(tmp_path / "searcher.pkl"))
 
-    shared = BudgetAccount(Budget(90, "wall"), gpus_per_trial=0, clock=clock)
-    restored = searcher(shared)
+    restored = searcher()
     restored.restore(str(tmp_path / "searcher.pkl"))
-    assert restored.account is shared and shared.wall_spent_s == pytest.approx(61, abs=1)
-    assert shared.trial_ids == {"a", "b"}
+    assert isinstance(restored.suggest("d"), dict)  # no search with a budget running
+    with running(account):
+        assert restored.suggest("e") == Searcher.FINISHED
 
 
 def test_without_a_budget_the_searcher_never_finishes() -> None:
     search = StudySearch(space=DefineByRun(load_space("quick")), metric="best_val_acc",
                          mode="max")
     assert all(isinstance(search.suggest(f"t{i}"), dict) for i in range(3))
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-def test_a_wall_budget_ends_a_search_of_more_trials_within_about_an_epoch(
-        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
-    space = search_space_file(tmp_path, max_epochs=3, grace_period=1)
-    run = tmp_path / "runs" / "t"
-    main(["search", "--storage", str(tmp_path / "runs"), "--name", "t", "--space", str(space),
-          "--data", "digits", "--trials", "50", "--budget", "30s", "--cpus-per-trial", "1"])
-    out = capsys.readouterr().out
-
-    trials = pq.read_table(run / TRIALS_FILE).to_pandas()
-    epochs = pq.read_table(run / EPOCHS_FILE).to_pandas()
-    longest_epoch = (epochs.end_time - epochs.start_time).max()
-    # From the first epoch's start, which is after the budget's clock started, to the last
-    # report: a running trial reports at most an epoch or two after the budget is spent
-    # (plus the driver's lag in stopping it). The start-up and the decode before the tuner,
-    # which load slows most, are outside the budget.
-    trained = epochs.end_time.max() - epochs.start_time.min()
-    assert trained < 30 + 3 * longest_epoch + 15, f"{trained:.0f} s, longest epoch {longest_epoch}"
-    assert 1 <= len(trials) < 50
-    assert set(trials.status) <= {"TERMINATED", "ERROR"}
-    assert set(epochs.trial_id) == set(trials.trial_id)
-    rows_per_trial = epochs.groupby("trial_id").size()
-    assert (rows_per_trial == trials.set_index("trial_id").epochs_run[rows_per_trial.index]).all()
-    assert not epochs.duplicated(["trial_id", "epoch"]).any()
-    assert "budget 30s: spent " in out and f" on {len(trials)} trial" in out
-
-    meta = json.loads((run / SEARCH_FILE).read_text())
-    assert meta["budget"] == "30s" and meta["trials"] == len(trials)
-    (spent,) = meta["budgets_spent"]
-    assert spent["trials"] == len(trials) and spent["budget"] == "30s"
 
 
 def test_a_budget_search_records_its_trials_once_every_trial_has_ended(tmp_path: Path) -> None:
@@ -337,7 +331,9 @@ def test_a_budget_search_records_its_trials_once_every_trial_has_ended(tmp_path:
     assert json.loads((run / SEARCH_FILE).read_text())["trials"] is None
 
     pq.write_table(trials, run / TRIALS_FILE)
-    account = BudgetAccount(Budget(7200, "wall"), gpus_per_trial=0)
+    account = BudgetAccount(Budget(7200, "wall"), gpus_per_trial=0, run=RunDir.open(run))
+    account.save()
     record_end(SearchRun.open(str(run)), account)
     meta = json.loads((run / SEARCH_FILE).read_text())
     assert meta["trials"] == 12 and meta["budgets_spent"][0]["budget"] == "2h"
+    assert not (run / SPENDING_DIR).exists()  # search.json holds it now

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import shutil
 import statistics
 import subprocess
@@ -90,12 +89,6 @@ def test_the_budget_holds_back_the_confirm_stage_from_the_first_epoch_on() -> No
                         confirm=ConfirmCost(runs=4, epochs=3, slots=2))
     gpu.epoch_reported("b", 10.0)
     assert gpu.reserved == 4 * 3 * 10 * 0.5  # every run's GPU share, whatever the waves
-
-    # an account pickled before confirm stages existed holds back nothing
-    old = pickle.loads(pickle.dumps(BudgetAccount(Budget(100, "wall"), gpus_per_trial=0)))
-    for key in ("confirm", "epoch_s_total", "epochs_reported", "confirm_spent_s"):
-        old.__dict__.pop(key, None)
-    assert old.reserved == 0 and old.confirm_spent_s is None
 
 
 def test_the_summary_line_counts_the_confirm_stage() -> None:

@@ -527,3 +527,58 @@ def test_a_killed_add_trials_resumes_with_each_epoch_once_and_the_whole_history(
         history = {t.user_attrs["trial_id"] for t in told if t.datetime_complete is not None
                    and t.datetime_complete < trial.datetime_start}
         assert first <= history
+
+
+@pytest.mark.slow
+def test_a_killed_budget_search_resumes_with_what_its_budget_has_left(
+        tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--budget 2m` and no --trials, SIGKILL of the driver once it has spent a minute
+    (as its last save says), then --resume: the resumed part trains for what is left, not
+    for another 2 minutes, and search.json's budgets_spent holds what both parts spent."""
+    import ray
+
+    from search.cli import main
+    from search.run.budget import SPENDING_DIR, SPENDING_FILE
+
+    epochs = 2
+    run, log = tmp_path / "x", tmp_path / "driver.log"
+    storage = ["--storage", str(tmp_path), "--name", "x"]
+    spending = run / SPENDING_DIR / SPENDING_FILE
+
+    def spent_s() -> float:
+        try:
+            return float(json.loads(spending.read_text())["earlier_wall_s"])
+        except (OSError, ValueError):
+            return 0.0
+
+    with log.open("ab") as out:
+        driver = subprocess.Popen(
+            resnet_hpo("search", "--space", str(tpe_fifo_space(tmp_path, epochs)), "--data",
+                       tiny_images(tmp_path), "--budget", "2m", "--max-concurrent", "2",
+                       *storage, "--address", ray.get_runtime_context().gcs_address),
+            stdout=out, stderr=subprocess.STDOUT)
+    kill_when(driver, run, lambda: spent_s() >= 60, log)
+    first_part_s, killed_at = spent_s(), time.time()
+    capsys.readouterr()
+    main(["search", *storage, "--resume"])
+    summary = capsys.readouterr().out
+
+    trials = read_rows(run / TRIALS_FILE)
+    rows = read_rows(run / EPOCHS_FILE)
+    assert {t["status"] for t in trials} <= {"TERMINATED", "ERROR"}
+    assert len(rows) == len({(r["trial_id"], r["epoch"]) for r in rows})
+    assert {r["trial_id"] for r in rows} == {t["trial_id"] for t in trials}
+    meta = json.loads((run / SEARCH_FILE).read_text())
+    assert meta["budget"] == "2m" and meta["trials"] == len(trials)
+    (spent,) = meta["budgets_spent"]
+    assert spent["budget"] == "2m" and spent["trials"] == len(trials)
+    # The resumed part's account was open while its epochs trained, so it spent at least
+    # their span, on top of the first part's; and a running trial reports at most an epoch
+    # or two past the budget.
+    resumed = [r for r in rows if r["start_time"] > killed_at]
+    resumed_span = max(r["end_time"] for r in resumed) - min(r["start_time"] for r in resumed)
+    longest_epoch = max(r["end_time"] - r["start_time"] for r in rows)
+    assert first_part_s + resumed_span <= spent["wall_s"] < 120 + 3 * longest_epoch + 15, (
+        first_part_s, resumed_span, spent, longest_epoch)
+    assert "budget 2m: spent " in summary and f" on {len(trials)} trials" in summary
+    assert not spending.exists()  # search.json holds it now

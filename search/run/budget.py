@@ -1,9 +1,12 @@
 """`--budget`: how long a search may run, in wall time or GPU-hours, and what it has spent.
 
-A BudgetAccount is shared by the search's searcher (search/run/study_search.py), which asks it
-whether a new trial may start, and its BudgetStopper (search/run/budget_stopper.py), which
-stops the running trials once the budget is spent. No Ray here, so it is tested with a fake
-clock.
+The driver opens the running search's BudgetAccount (`running`); the searcher
+(search/run/study_search.py) asks it whether a new trial may start, and the BudgetStopper
+(search/run/budget_stopper.py) whether the running trials must stop. Tune saves and restores
+those two separately (pickled), so they hold no account: they ask `running_account()`. What
+a part of the search (the search, or one --add-trials) spends is kept in the run: in
+SPENDING_DIR while it runs, so that --resume goes on from it, then in search.json's
+`budgets_spent` once it has ended. No Ray here, so it is tested with a fake clock.
 """
 
 from __future__ import annotations
@@ -11,15 +14,23 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from search.rundir import RunDir
 from trainable.errors import UserError
 
 BUDGET_FORMS = "a wall time (45s, 90m, 2h) or GPU-hours (1.5gpu-h), greater than 0"
 BUDGET_PATTERN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(s|m|h|gpu-h)")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "gpu-h": 3600}
+# A folder of the run: a resumed Tune run copies the run's top-level .json files back over
+# themselves each time it saves its state (search/rundir.py, RunDir.write_json), which would
+# undo what the account writes while it runs.
+SPENDING_DIR = "budget"
+SPENDING_FILE = "spending.json"
+SAVE_EVERY_S = 10.0  # what a kill may lose of the spending
 
 
 @dataclass(frozen=True)
@@ -78,50 +89,64 @@ class BudgetAccount:
     starts; from then on no trial starts, and running trials are stopped, once the time
     spent plus the confirm's would pass the budget.
 
-    Pickled (Tune saves the searcher and the run config), it keeps the budget and what has
-    been spent; the clock restarts where it is unpickled, and trials then running count
-    again from their next report.
+    With a run directory (`run`), what has been spent is written to its SPENDING_FILE every
+    SAVE_EVERY_S and as trials start and end; an account opened again for the same part of
+    the search (--resume after a kill or Ctrl-C) goes on from it, its clock restarted, and
+    trials then running count again from their next report.
     """
-
-    # class defaults: an account pickled before the confirm stage existed lacks them
-    confirm: ConfirmCost | None = None
-    epoch_s_total = 0.0
-    epochs_reported = 0
-    confirm_spent_s: float | None = None  # in the budget's unit, once the confirm has run
 
     def __init__(self, budget: Budget, gpus_per_trial: float,
                  clock: Callable[[], float] = time.monotonic,
-                 confirm: ConfirmCost | None = None):
+                 confirm: ConfirmCost | None = None, run: RunDir | None = None,
+                 part: int = 0):
         self.budget, self.gpus_per_trial, self.confirm = budget, gpus_per_trial, confirm
-        self._open(clock)
-        self.earlier_wall_s = 0.0  # spent before the last unpickling
-        self.earlier_gpu_s = 0.0  # by trials that were running then
+        self.clock, self.part = clock, part
+        self.opened = self.saved_at = clock()
+        self.running: dict[str, float] = {}  # trial id -> clock when it started
+        self.earlier_wall_s = 0.0  # spent before this account was opened (--resume)
+        self.earlier_gpu_s = 0.0  # by trials that were running then, and the confirm's
         self.finished_trial_s: list[float] = []
         self.longest_epoch_s = 0.0
+        self.epoch_s_total = 0.0
+        self.epochs_reported = 0
         self.trial_ids: set[str] = set()  # every trial started on this budget
         self.stopped_by_budget: set[str] = set()
+        self.confirm_spent_s: float | None = None  # in the budget's unit, once it has run
+        self.spending = None if run is None else RunDir.open(run.uri_of(SPENDING_DIR))
+        if self.spending is not None and self.spending.exists(SPENDING_FILE):
+            self._go_on_from(self.spending.read_json(SPENDING_FILE))
 
-    def _open(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.opened = clock()
-        self.running: dict[str, float] = {}  # trial id -> clock when it started
+    def _state(self) -> dict[str, Any]:
+        """What has been spent, as SPENDING_FILE holds it: trials running now count as spent
+        up to now."""
+        return {"part": self.part, "budget": str(self.budget),
+                "earlier_wall_s": self.wall_spent_s,
+                "earlier_gpu_s": self.earlier_gpu_s + self._running_s() * self.gpus_per_trial,
+                "finished_trial_s": self.finished_trial_s,
+                "longest_epoch_s": self.longest_epoch_s, "epoch_s_total": self.epoch_s_total,
+                "epochs_reported": self.epochs_reported, "trial_ids": sorted(self.trial_ids),
+                "stopped_by_budget": sorted(self.stopped_by_budget),
+                "confirm_spent_s": self.confirm_spent_s}
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = {key: value for key, value in self.__dict__.items()
-                 if key not in ("clock", "opened", "running")}
-        state.update(earlier_wall_s=self.wall_spent_s,
-                     earlier_gpu_s=self.earlier_gpu_s + self._running_s() * self.gpus_per_trial)
-        return state
+    def _go_on_from(self, state: dict[str, Any]) -> None:
+        if (state.get("part"), state.get("budget")) != (self.part, str(self.budget)):
+            return  # an earlier part's, whose end was not recorded
+        for key in ("earlier_wall_s", "earlier_gpu_s", "finished_trial_s", "longest_epoch_s",
+                    "epoch_s_total", "epochs_reported", "confirm_spent_s"):
+            setattr(self, key, state[key])
+        self.trial_ids, self.stopped_by_budget = (set(state["trial_ids"]),
+                                                  set(state["stopped_by_budget"]))
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._open(time.monotonic)
+    def save(self) -> None:
+        """Write what has been spent to the run."""
+        if self.spending is not None:
+            self.saved_at = self.clock()
+            self.spending.write_json(SPENDING_FILE, self._state())
 
-    def carry_over(self, saved: BudgetAccount) -> None:
-        """Go on from what `saved` (the same search's account, saved before it was
-        interrupted) had spent."""
-        self.__dict__.update(saved.__getstate__())
-        self._open(self.clock)
+    def _save_if_due(self) -> None:
+        # Not at every event: each is on Tune's event loop, between a trial and the next.
+        if self.clock() - self.saved_at >= SAVE_EVERY_S:
+            self.save()
 
     @property
     def wall_spent_s(self) -> float:
@@ -165,6 +190,7 @@ class BudgetAccount:
     def trial_started(self, trial_id: str) -> None:
         self.running[trial_id] = self.clock()
         self.trial_ids.add(trial_id)
+        self._save_if_due()
 
     def epoch_reported(self, trial_id: str, epoch_s: float) -> None:
         self.longest_epoch_s = max(self.longest_epoch_s, epoch_s)
@@ -172,17 +198,24 @@ class BudgetAccount:
         self.epochs_reported += 1
         if trial_id not in self.running:  # restored by --resume, which started it again
             self.trial_started(trial_id)
+        self._save_if_due()
 
     def trial_finished(self, trial_id: str) -> None:
         started = self.running.pop(trial_id, None)
         if started is not None:
             self.finished_trial_s.append(self.clock() - started)
+        self._save_if_due()
 
     def confirm_ran(self, spent_before: float, gpu_hours: float) -> None:
         """The confirm stage has ended: its trials' GPU-hours count (it started them itself,
         not the searcher), and what it spent is kept for the summary."""
         self.earlier_gpu_s += gpu_hours * 3600
         self.confirm_spent_s = self.spent - spent_before
+
+    def end(self) -> None:
+        """What the part spent is in search.json's budgets_spent (its `record`) now."""
+        if self.spending is not None and self.spending.exists():
+            self.spending.fs.delete_dir(self.spending.path)
 
     def summary_line(self, stopped_early: Iterable[str]) -> str:
         """What the budget bought; `stopped_early`: the ids of trials that ended before
@@ -223,3 +256,22 @@ class BudgetAccount:
         how many the budget did (a trial the budget stopped at its last epoch ran whole)."""
         stopped = set(stopped_early) & self.trial_ids
         return len(stopped - self.stopped_by_budget), len(stopped & self.stopped_by_budget)
+
+
+_running: BudgetAccount | None = None
+
+
+@contextmanager
+def running(account: BudgetAccount | None) -> Iterator[BudgetAccount | None]:
+    """`account` is the running search's while the block runs (a search without a budget
+    has None)."""
+    global _running
+    _running = account
+    try:
+        yield account
+    finally:
+        _running = None
+
+
+def running_account() -> BudgetAccount | None:
+    return _running

@@ -70,11 +70,14 @@ def check_resources(request: SearchRequest) -> int:
         raise UserError(f"--gpus-per-trial {gpus:g}: use a fraction <= 1 or a whole number")
     nodes = node_capacity()
     budget = request.budget
-    if budget is not None and budget.unit == "gpu-h" and not any(
-            node.get("GPU", 0) for node in [*nodes, *autoscaler_node_types()]):
-        raise UserError(f"--budget {budget}: the Ray cluster has no GPUs, so the trials spend "
-                        "no GPU-hours; use a wall-time budget (e.g. --budget 2h) and "
-                        "--gpus-per-trial 0")
+    if budget is not None and budget.unit == "gpu-h":
+        cluster_gpus = any(node.get("GPU", 0) for node in [*nodes, *autoscaler_node_types()])
+        if not (gpus and cluster_gpus):
+            why = ("the Ray cluster has no GPUs" if gpus else
+                   "the trials use none (--gpus-per-trial 0)")
+            raise UserError(f"--budget {budget}: {why}, so the trials spend no GPU-hours; use "
+                            "a wall-time budget (e.g. --budget 2h)" +
+                            (" and --gpus-per-trial 0" if gpus else ""))
     fits = sum(trials_that_fit(node, cpus, gpus) for node in nodes)
     if fits:
         return fits

@@ -19,7 +19,7 @@ from typing import Any
 from optuna.storages.journal import JournalStorage
 
 from search.defaults import DEFAULT_TRIALS
-from search.run.budget import BudgetAccount, ConfirmCost
+from search.run.budget import BudgetAccount, ConfirmCost, running
 from search.run.cluster import start_cluster
 from search.run.confirm import CONFIRM_DIR, ConfirmPlan
 from search.run.request import SearchRequest
@@ -92,11 +92,11 @@ def build_trainable(request: SearchRequest, data: DecodedData) -> Any:
         {"cpu": request.cpus_per_trial, "gpu": request.gpus_per_trial})
 
 
-def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, searcher: Any,
-                account: BudgetAccount | None) -> Any:
-    """The tuner of a new search or an extension; with a budget `account`, which is also
-    the searcher's, a BudgetStopper stops its trials once the budget is spent, and without
-    --trials the budget alone ends the search."""
+def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int,
+                searcher: Any) -> Any:
+    """The tuner of a new search or an extension; with a budget, a BudgetStopper stops its
+    trials once the budget is spent, and without --trials the budget alone ends the
+    search."""
     from ray import tune
 
     from search.run.budget_stopper import BudgetStopper
@@ -119,7 +119,7 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int, sear
             reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=run_config(request, request.storage, request.name, request.run_uri,
                               request.trials,
-                              stop=None if account is None else BudgetStopper(account)))
+                              stop=None if request.budget is None else BudgetStopper()))
 
 
 def run_config(request: SearchRequest, storage: str, name: str, results_uri: str,
@@ -177,7 +177,7 @@ def decode_data(request: SearchRequest) -> tuple[DecodedData, Dataset]:
 
 
 def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int,
-                  total: int | None, account: BudgetAccount | None) -> StudySearch:
+                  total: int | None) -> StudySearch:
     """The searcher of the run's study: the sampler is conditioned on every trial in it.
     `total`: the trials of the whole run, None when a budget ends it (the sampler then
     starts as for a search of DEFAULT_TRIALS)."""
@@ -186,19 +186,21 @@ def make_searcher(request: SearchRequest, storage: JournalStorage, seed: int,
     space = request.space
     return StudySearch(space=DefineByRun(space), metric=objective_name(space.metric),
                        mode=space.mode, storage=storage, study_name=STUDY_NAME,
-                       sampler=make_sampler(space.sampler, seed, total or DEFAULT_TRIALS),
-                       account=account)
+                       sampler=make_sampler(space.sampler, seed, total or DEFAULT_TRIALS))
 
 
-def open_account(request: SearchRequest, concurrent: int) -> BudgetAccount | None:
-    """The budget's account, its clock started: just before the tuner runs. With --confirm
-    it holds back the confirm stage's cost."""
+def open_account(run: RunDir, request: SearchRequest, concurrent: int
+                 ) -> BudgetAccount | None:
+    """The budget's account of the run's last part (the search, or its last --add-trials),
+    its clock started: just before the tuner runs. It goes on from what the part spent
+    before a kill or Ctrl-C. With --confirm it holds back the confirm stage's cost."""
     if request.budget is None:
         return None
     confirm = ConfirmCost(request.confirm * request.confirm_seeds,
                           request.space.scheduler.max_epochs, concurrent)
     return BudgetAccount(request.budget, request.gpus_per_trial,
-                         confirm=confirm if request.confirm else None)
+                         confirm=confirm if request.confirm else None, run=run,
+                         part=len(run.read_json(SEARCH_FILE).get("added", [])))
 
 
 def check_new_run(run: RunDir, request: SearchRequest) -> WarmStart | None:
@@ -235,11 +237,11 @@ def new_search(request: SearchRequest) -> None:
     print(f"search {request.name}: {describe_size(request, 'trials')}, sampler "
           f"{request.space.sampler}, scheduler {request.space.scheduler.name}, {concurrent} "
           f"at a time; results in {run.uri}", flush=True)
-    account = open_account(request, concurrent)
-    searcher = make_searcher(request, storage, request.seed, request.trials, account)
+    searcher = make_searcher(request, storage, request.seed, request.trials)
     published = decoded.published(run.uri)
-    build_tuner(request, published, concurrent, searcher, account).fit()
-    finish_search(run, request, published, concurrent, account)
+    with running(open_account(run, request, concurrent)) as account:
+        build_tuner(request, published, concurrent, searcher).fit()
+        finish_search(run, request, published, concurrent, account)
 
 
 def describe_size(request: SearchRequest, trials: str) -> str:
@@ -296,12 +298,12 @@ def add_trials(request: SearchRequest) -> None:
           f" after {total - request.trials}, sampler {request.space.sampler} with the "
           f"{earlier} trials of its study as history, {concurrent} at a time; results in "
           f"{run.uri}", flush=True)
-    account = open_account(request, concurrent)
     # Seeded past the trials before, so that added trials do not repeat the first draws.
-    searcher = make_searcher(request, storage, request.seed + earlier, total, account)
+    searcher = make_searcher(request, storage, request.seed + earlier, total)
     published = decoded.published(run.uri)
-    build_tuner(request, published, concurrent, searcher, account).fit()
-    finish_search(run, request, published, concurrent, account)
+    with running(open_account(run, request, concurrent)) as account:
+        build_tuner(request, published, concurrent, searcher).fit()
+        finish_search(run, request, published, concurrent, account)
 
 
 def resume_search(request: SearchRequest) -> None:
@@ -324,10 +326,9 @@ def resume_search(request: SearchRequest) -> None:
     tuner = tune.Tuner.restore(run.uri, trainable=build_trainable(request, data),
                                resume_unfinished=True, resume_errored=True)
     print(f"resuming {run.uri}", flush=True)
-    tuner.fit()
-    # Tune restores a budget's account with the run's stopper, out of this function's reach:
-    # a resumed part's spending is not added to budgets_spent.
-    finish_search(run, request, data, concurrent, None)
+    with running(open_account(run, request, concurrent)) as account:
+        tuner.fit()
+        finish_search(run, request, data, concurrent, account)
 
 
 def check_tune_state(run: RunDir) -> None:
@@ -348,6 +349,11 @@ def finish_search(run: RunDir, request: SearchRequest, data: DecodedData, concur
     search.json, then the summary. A search interrupted with Ctrl-C (Tune saves its state
     and returns) has trials still running: it is left as it is, for --resume."""
     search = SearchRun.open(run.uri)
+    if account is not None:
+        # the searcher may have started a trial that a kill then kept from ever running
+        account.trial_ids &= {row["trial_id"] for row in search.trials}
+        if interrupted(search.trials):
+            account.save()
     if request.confirm and not interrupted(search.trials) and search.ranked:
         spent = 0.0 if account is None else account.spent
         gpu_hours = confirm_stage(search, request, data, concurrent)
@@ -421,6 +427,8 @@ def record_end(search: SearchRun, account: BudgetAccount | None) -> None:
         early = [r["trial_id"] for r in stopped_early(rows)]
         meta["budgets_spent"] = [*meta.get("budgets_spent", []), account.record(early)]
     search.rundir.write_json(SEARCH_FILE, meta)
+    if account is not None:
+        account.end()
 
 
 def print_summary(search: SearchRun, account: BudgetAccount | None = None) -> None:

@@ -151,7 +151,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
     if gpus < 0 or cpus < 0 or (gpus == 0 and cpus == 0):
         raise UserError(f"--gpus-per-trial {gpus:g} --cpus-per-trial {cpus:g}: both must be "
                         ">= 0 and one of them > 0")
-    budget = check_budget(args.budget, gpus)
+    budget = check_budget(args.budget)
     max_concurrent = pick(args.max_concurrent, "max_concurrent", None)
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent must be >= 1, got {max_concurrent}")
@@ -178,14 +178,10 @@ def check_trials(trials: int | None, budget: str | None) -> int | None:
     return trials
 
 
-def check_budget(text: str | None, gpus_per_trial: float) -> Budget | None:
-    if text is None:
-        return None
-    budget = parse_budget(text)
-    if budget.unit == "gpu-h" and not gpus_per_trial:
-        raise UserError(f"--budget {text}: the trials use no GPU (--gpus-per-trial 0), so "
-                        "they spend no GPU-hours; use a wall-time budget (e.g. --budget 2h)")
-    return budget
+def check_budget(text: str | None) -> Budget | None:
+    """--budget; one for GPU-hours on trials or a cluster without GPUs is refused by
+    search/run/cluster.py's check_resources, which knows both."""
+    return None if text is None else parse_budget(text)
 
 
 def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
@@ -218,7 +214,10 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         raise UserError(f"{flag}: there is no search named {name!r} in {storage} "
                         f"({run.uri} holds no {SEARCH_FILE})")
     meta = run.read_json(SEARCH_FILE)
-    budget = check_budget(args.budget, meta["gpus_per_trial"])  # refused above on --resume
+    # --resume goes on with the budget of the part it resumes (the search or its last
+    # --add-trials), and from what that part spent (search/run/budget.py)
+    last_part = [meta, *meta.get("added", [])][-1]
+    budget = check_budget(last_part.get("budget") if args.resume else args.budget)
     space = parse_space(meta["space_text"], meta["space_file"]).replace(
         sampler=meta["sampler"], scheduler=meta["scheduler"], fixed=meta["fixed"])
     confirm = (meta.get("confirm") or {}) if args.resume else {}  # --resume finishes it

@@ -10,7 +10,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from search.run.budget import BudgetAccount
+from search.run.budget import running_account
 from search.study import SUPERSEDES_ATTR, TRIAL_ID_ATTR
 from spaces import DefineByRun
 from trainable.ranking import study_direction
@@ -42,14 +42,14 @@ class StudySearch(Searcher):
     its sampler keeps its random state. Each Tune trial's optuna.Trial is kept with it, as
     Optuna reopens no running trial through its public API.
 
-    With a budget (`account`), suggest returns Searcher.FINISHED once the account refuses a
-    new trial, and Tune ends the search when the running trials have ended."""
+    With a budget (the running search's account, search/run/budget.py), suggest returns
+    Searcher.FINISHED once the account refuses a new trial, and Tune ends the search when
+    the running trials have ended."""
 
     def __init__(self, space: DefineByRun, metric: str, mode: str,
                  storage: str | optuna.storages.BaseStorage | None = None,
                  study_name: str | None = None,
-                 sampler: optuna.samplers.BaseSampler | None = None,
-                 account: BudgetAccount | None = None):
+                 sampler: optuna.samplers.BaseSampler | None = None):
         super().__init__(metric=metric, mode=mode)
         self.space = space
         self.study = optuna.create_study(
@@ -59,14 +59,14 @@ class StudySearch(Searcher):
         self.trials: dict[str, optuna.Trial] = {}  # Tune trial id -> its study trial
         # Tune trial id -> epoch -> value, reported after the journal had finished its trial
         self.late_epochs: dict[str, dict[int, float]] = {}
-        self.account = account
 
     def suggest(self, trial_id: str) -> dict[str, Any]:
-        if self.account is not None:
-            if not self.account.may_start():
+        account = running_account()
+        if account is not None:
+            if not account.may_start():
                 # a str: Ray types suggest as returning a dict, but documents FINISHED
                 return Searcher.FINISHED  # type: ignore[return-value]
-            self.account.trial_started(trial_id)
+            account.trial_started(trial_id)
         trial = self.study.ask()
         trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
         self.trials[trial_id] = trial
@@ -77,8 +77,9 @@ class StudySearch(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
-        if self.account is not None:
-            self.account.trial_finished(trial_id)
+        account = running_account()
+        if account is not None:
+            account.trial_finished(trial_id)
         trial, result = self.trials[trial_id], result or {}
         if result:
             self.record_epoch(trial_id, result)
@@ -138,9 +139,5 @@ class StudySearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
-        saved_account = state.pop("account", None)
+        state.pop("account", None)  # saved before the account was kept in the run
         self.__dict__.update(state)
-        # This searcher's account is also its run's BudgetStopper's (Tune unpickles both
-        # from one file): it takes over what was spent, and stays shared.
-        if self.account is not None and saved_account is not None:
-            self.account.carry_over(saved_account)
