@@ -238,6 +238,7 @@ def test_the_check_runs_the_replayed_searches_on_real_training(
     replay_check.check_task("tiny", table, live, args, ["random+asha", "random+fifo"])
     out = capsys.readouterr().out
     assert "predicted" in out and "real: random+asha - random+fifo" in out
+    assert "random+fifo: replay - real, handed over, paired = " in out
     # every real run ended: no fit thread is left waiting for its next epoch
     assert live.full and all(len(c.val_acc) == 4 for c in live.full.values())
     # a run trains the epochs no run of its configuration and seed trained before

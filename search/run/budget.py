@@ -89,8 +89,9 @@ class BudgetAccount:
     starts; from then on no trial starts, and running trials are stopped, once the time
     spent plus the confirm's would pass the budget.
 
-    With a run directory (`run`), what has been spent is written to its SPENDING_FILE every
-    SAVE_EVERY_S and as trials start and end; an account opened again for the same part of
+    With a run directory (`run`), what has been spent is written to its SPENDING_FILE at
+    the first event of its trials SAVE_EVERY_S after the last write, and when the search is
+    interrupted (driver.finish_search); an account opened again for the same part of
     the search (--resume after a kill or Ctrl-C) goes on from it, its clock restarted, and
     trials then running count again from their next report.
     """
