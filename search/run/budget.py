@@ -130,13 +130,11 @@ class BudgetAccount:
                 "confirm_spent_s": self.confirm_spent_s}
 
     def _go_on_from(self, state: dict[str, Any]) -> None:
-        if (state.get("part"), state.get("budget")) != (self.part, str(self.budget)):
+        """Take over every attribute `_state` wrote."""
+        if (state.pop("part", None), state.pop("budget", None)) != (self.part, str(self.budget)):
             return  # an earlier part's, whose end was not recorded
-        for key in ("earlier_wall_s", "earlier_gpu_s", "finished_trial_s", "longest_epoch_s",
-                    "epoch_s_total", "epochs_reported", "confirm_spent_s"):
-            setattr(self, key, state[key])
-        self.trial_ids, self.stopped_by_budget = (set(state["trial_ids"]),
-                                                  set(state["stopped_by_budget"]))
+        for key, value in state.items():
+            setattr(self, key, set(value) if isinstance(getattr(self, key), set) else value)
 
     def save(self) -> None:
         """Write what has been spent to the run."""
