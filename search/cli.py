@@ -14,7 +14,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from search.defaults import DEFAULT_CONFIRM_SEEDS, DEFAULT_TRIALS, DEFAULT_WARM_START_TOP
+from search.defaults import (
+    DEFAULT_CONFIRM_SEEDS,
+    DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_TRIALS,
+    DEFAULT_WARM_START_TOP,
+)
 from trainable.config import TrainConfig, field_choices, field_help, field_names, field_type
 from trainable.errors import UserError
 from trainable.model_files import ENSEMBLE_METHODS
@@ -183,6 +188,11 @@ def add_search_parser(commands: Subcommands) -> None:
     search.add_argument("--warm-start-top", type=int, default=DEFAULT_WARM_START_TOP,
                         metavar="K", help="how many of the earlier run's best configs go "
                                           "first (default %(default)s)")
+    search.add_argument("--keep-checkpoints", metavar="K",
+                        help="keep the checkpoints (about 100 MB each) of the K best finished "
+                             "trials, for ensembles and --weights RUN, and delete the others' "
+                             "as trials finish; 'all' keeps every one (default "
+                             f"{DEFAULT_KEEP_CHECKPOINTS})")
     add_config_flags(search, "fixed hyperparameters (override the space file)",
                      exclude=("epochs", "seed"))
     search.set_defaults(run=_search)

@@ -65,7 +65,9 @@ TRIAL_COLUMNS = {
     "gpu_hours": pa.float64(),  # wall time x GPU share
     "cpu_count": pa.float64(),
     "node_id": pa.string(),
-    "checkpoint_path": pa.string(),  # directory with checkpoint.pt + config.yaml of best_epoch
+    # directory with checkpoint.pt + config.yaml of best_epoch; none once deleted, past the
+    # search's --keep-checkpoints best finished trials
+    "checkpoint_path": pa.string(),
 }
 # epochs.parquet: trial_id, node_id, start_time and end_time (UNIX seconds), then every
 # metric that trainable.fit reports (epoch, train_loss, val_loss, val_acc, lr, ...).

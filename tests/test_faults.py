@@ -150,6 +150,66 @@ def test_the_results_writer_marks_a_diverged_trial_failed(tmp_path: Path) -> Non
     assert (row["status"], row["error"]) == ("ERROR", "training loss became nan")
 
 
+def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
+        tmp_path: Path) -> None:
+    """keep_checkpoints 2: a finished trial's checkpoint goes at the first flush after Tune
+    has saved its state SAVES_BEFORE_DELETING times since (or at the end), once the files hold
+    its rows, unless it is among the 2 best finished; a running trial's never goes, and a
+    resumed writer does not name a deleted one again."""
+    import pyarrow.fs as pafs
+
+    from search.record.results_writer import SAVES_BEFORE_DELETING, ResultsWriter
+
+    def trial(trial_id: str, status: str = "RUNNING") -> Any:
+        path = tmp_path / trial_id / "checkpoint_000000"
+        return SimpleNamespace(trial_id=trial_id, config={"weights": "none"}, last_result={},
+                               status=status, checkpoint=SimpleNamespace(
+                                   path=str(path), filesystem=pafs.LocalFileSystem()),
+                               latest_checkpoint_result=None)
+
+    def trains(writer: ResultsWriter, t: Any, val_acc: float) -> None:
+        Path(t.checkpoint.path).mkdir(parents=True)
+        writer.on_trial_start(0, [], t)
+        writer.on_trial_result(0, [], t, {"epoch": 1, "val_acc": val_acc})
+        writer.on_checkpoint(0, [], t, t.checkpoint)
+
+    def kept() -> set[str]:
+        rows = pq.read_table(tmp_path / TRIALS_FILE).to_pylist()
+        on_disk = {p.parent.name for p in tmp_path.glob("*/checkpoint_*")}
+        assert {r["trial_id"] for r in rows if r["checkpoint_path"]} == on_disk
+        # a resume reads the rows of a trial from the files once its checkpoint is gone
+        assert {r["trial_id"] for r in pq.read_table(tmp_path / EPOCHS_FILE).to_pylist()} == {
+            r["trial_id"] for r in rows}
+        return on_disk
+
+    writer = ResultsWriter(str(tmp_path), "val_acc", "max", 0.0, 1.0, keep_checkpoints=2)
+    writer.setup()
+    writer.on_step_begin(0, [])
+    trials = {name: trial(name) for name in ("a", "b", "c", "d", "running")}
+    for name, val_acc in (("a", 0.5), ("b", 0.9), ("c", 0.7), ("d", 0.3), ("running", 0.1)):
+        trains(writer, trials[name], val_acc)
+        if name != "running":
+            writer.on_trial_complete(0, [], trials[name])
+    for _ in range(SAVES_BEFORE_DELETING - 1):
+        writer.get_state()
+    writer.flush()
+    assert kept() == {"a", "b", "c", "d", "running"}  # Tune's saved state may still run them
+    writer.get_state()
+    assert len(list(tmp_path.glob("*/checkpoint_*"))) == 5  # until the files hold their rows
+    writer.flush()
+    assert kept() == {"b", "c", "running"}
+    trains(writer, e := trial("e"), 0.8)
+    writer.on_trial_complete(0, [], e)
+    writer.on_experiment_end([])  # after Tune's last save: no need to wait
+    assert kept() == {"b", "e", "running"}
+
+    resumed = ResultsWriter(str(tmp_path), "val_acc", "max", 0.0, 1.0, keep_checkpoints=2)
+    resumed.setup()
+    restored = [trial(name, "TERMINATED") for name in "abcde"] + [trials["running"]]
+    resumed.on_step_begin(0, restored)  # Tune's state names every checkpoint it saw
+    assert kept() == {"b", "e", "running"}
+
+
 class FakeTuneSession:
     """What train_trial uses of `ray.tune` inside a trial: the checkpoint it starts from and
     the reports, each report's checkpoint copied out of its temporary directory."""
@@ -538,7 +598,9 @@ def test_a_killed_budget_search_resumes_with_what_its_budget_has_left(
     import ray
 
     from search.cli import main
+    from search.defaults import DEFAULT_KEEP_CHECKPOINTS
     from search.run.budget import SPENDING_DIR, SPENDING_FILE
+    from trainable.ranking import rank_trials
 
     epochs = 2
     run, log = tmp_path / "x", tmp_path / "driver.log"
@@ -558,14 +620,16 @@ def test_a_killed_budget_search_resumes_with_what_its_budget_has_left(
                        *storage, "--address", ray.get_runtime_context().gcs_address),
             stdout=out, stderr=subprocess.STDOUT)
     kill_when(driver, run, lambda: spent_s() >= 60, log)
-    first_part_s, killed_at = spent_s(), time.time()
+    first_part_s = spent_s()
     capsys.readouterr()
+    resumed_at = time.time()  # the killed driver's actors may have trained until Ray ended them
     main(["search", *storage, "--resume"])
     summary = capsys.readouterr().out
 
     trials = read_rows(run / TRIALS_FILE)
     rows = read_rows(run / EPOCHS_FILE)
     assert {t["status"] for t in trials} <= {"TERMINATED", "ERROR"}
+    errors = {t["trial_id"] for t in trials if t["status"] == "ERROR"}
     assert len(rows) == len({(r["trial_id"], r["epoch"]) for r in rows})
     assert {r["trial_id"] for r in rows} == {t["trial_id"] for t in trials}
     meta = json.loads((run / SEARCH_FILE).read_text())
@@ -575,10 +639,17 @@ def test_a_killed_budget_search_resumes_with_what_its_budget_has_left(
     # The resumed part's account was open while its epochs trained, so it spent at least
     # their span, on top of the first part's; and a running trial reports at most an epoch
     # or two past the budget.
-    resumed = [r for r in rows if r["start_time"] > killed_at]
+    resumed = [r for r in rows if r["start_time"] > resumed_at]
     resumed_span = max(r["end_time"] for r in resumed) - min(r["start_time"] for r in resumed)
     longest_epoch = max(r["end_time"] - r["start_time"] for r in rows)
     assert first_part_s + resumed_span <= spent["wall_s"] < 120 + 3 * longest_epoch + 15, (
         first_part_s, resumed_span, spent, longest_epoch)
     assert "budget 2m: spent " in summary and f" on {len(trials)} trials" in summary
     assert not spending.exists()  # search.json holds it now
+    # Of the finished trials, only the best DEFAULT_KEEP_CHECKPOINTS kept their checkpoint,
+    # and the rows say which
+    best = rank_trials(trials, "best_metric", "max")[:DEFAULT_KEEP_CHECKPOINTS]
+    kept = {t["trial_id"] for t in trials if t["checkpoint_path"]}
+    on_disk = {p.parent.name.removeprefix("trial_") for p in run.glob("trial_*/checkpoint_*")}
+    assert len(trials) > DEFAULT_KEEP_CHECKPOINTS
+    assert kept == on_disk and kept - errors == {t["trial_id"] for t in best}, (kept, errors)

@@ -410,6 +410,10 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
     (["--space", "quick", "--scheduler", "pbt"], "key 'scheduler.name' must be one of"),
     (["--space", "quick", "--lr", "-1"], "config key 'lr': must be in (0, 10]"),
     (["--space", "quick", "--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
+    (["--space", "quick", "--keep-checkpoints", "none"],
+     "--keep-checkpoints must be 'all' or a whole number >= 1, got 'none'"),
+    (["--space", "quick", "--confirm", "3", "--keep-checkpoints", "2"],
+     "--keep-checkpoints must be 'all' or a whole number >= 3 (--confirm 3), got '2'"),
     (["--space", "quick", "--data", "imagefolder:/no/such/dir"], "/no/such/dir"),
 ])
 def test_bad_search_input_is_one_line_before_ray_starts(

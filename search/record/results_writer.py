@@ -12,6 +12,18 @@ from an older checkpoint) replaces its earlier row instead of duplicating it.
 
 The bookkeeping per result is constant: rows are indexed by trial, and a trial's config is
 validated once.
+
+A finished trial never trains again, and of its checkpoint only the best epoch's weights are
+used again (ensembles, `--weights RUN`), and only of the best trials. So past the
+`keep_checkpoints` best finished trials (ranked as SearchRun.ranked ranks them), a finished
+trial's checkpoint is deleted, and its row's checkpoint_path cleared: a search's disk use stays
+that of its best and its running trials, where a checkpoint is about 100 MB. Not at once, since
+`--resume` reads two things from it. Its rows: so it is deleted by a flush, after the files
+with its rows are written. And Tune's saved state, which starts a trial it holds as running
+again from its checkpoint: Tune calls `get_state` as it saves its state, and a forced save
+waits for the copy of the one before into the run directory, so a checkpoint is deleted once
+Tune has saved its state SAVES_BEFORE_DELETING times since the trial finished, or when the
+search ends (after Tune's last save).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ from __future__ import annotations
 import posixpath
 import re
 import time
+from contextlib import suppress
 from typing import Any
 
 import pyarrow as pa
@@ -30,19 +43,23 @@ from search.study import push_journal
 from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.model_files import TRIAL_EPOCHS_FILE
-from trainable.ranking import best_epoch_row
+from trainable.ranking import best_epoch_row, rank_trials
 from trainable.saved import parse_trial_epochs
-from trainable.storage import is_uri
+from trainable.storage import is_uri, open_uri
 
 FLUSH_EVERY_S = 10.0
+SAVES_BEFORE_DELETING = 3
 EPOCH_COLUMNS = tuple(epochs_schema().names)
 
 
 class ResultsWriter(tune.Callback):
+    keep_checkpoints: int | None = None  # what a writer pickled before the option restores with
+
     def __init__(self, run_uri: str, metric: str, mode: str, gpu_fraction: float,
-                 cpu_count: float):
+                 cpu_count: float, keep_checkpoints: int | None = None):
         self.run_uri, self.metric, self.mode = run_uri, metric, mode
         self.gpu_fraction, self.cpu_count = gpu_fraction, cpu_count
+        self.keep_checkpoints = keep_checkpoints
         self._reset()
 
     def _reset(self) -> None:
@@ -50,6 +67,9 @@ class ResultsWriter(tune.Callback):
         self.epochs: dict[str, dict[int, dict[str, Any]]] = {}  # trial_id -> epoch -> row
         self.configs: dict[str, dict[str, Any]] = {}  # trial_id -> its validated config
         self.checkpoints: dict[str, str] = {}  # trial_id -> its latest checkpoint
+        # finished trial_id -> Tune's state saves after which its checkpoint may be deleted
+        self.finished: dict[str, int] = {}
+        self.saves = 0
         self.restored = False  # rows restored from the checkpoints after setup
         self.dirty = False
         self.last_flush = 0.0
@@ -57,7 +77,7 @@ class ResultsWriter(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment state; the rows live in the Parquet files.
         state = dict(self.__dict__)
-        state.update(trials={}, epochs={}, configs={}, checkpoints={})
+        state.update(trials={}, epochs={}, configs={}, checkpoints={}, finished={})
         return state
 
     def setup(self, *args: Any, **info: Any) -> None:
@@ -76,11 +96,23 @@ class ResultsWriter(tune.Callback):
         if self.restored:
             return
         self.restored = True  # once, after setup: a resumed search's trials all restore
+        held = {t.trial_id for t in trials}
+        for trial_id, row in list(self.trials.items()):
+            if row["status"] not in (result_keys.TERMINATED, result_keys.ERROR) and (
+                    trial_id not in held):  # started after Tune's last save: never runs
+                del self.trials[trial_id]
+                self.dirty = True
         for trial in trials:
             if self._restore_rows(trial):
                 known = self.trials.get(trial.trial_id, {}).get("status")
                 self._update(trial, result_keys.ERROR if known == result_keys.ERROR
                              else str(trial.status))
+        # finished before: Tune's restored state holds them finished, or (earlier parts of
+        # the search) does not hold them
+        unfinished = {t.trial_id for t in trials if t.status != Trial.TERMINATED}
+        self.finished = {trial_id: 0 for trial_id, row in self.trials.items()
+                         if row["status"] == result_keys.TERMINATED
+                         and trial_id not in unfinished}
         self.flush()
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
@@ -115,13 +147,17 @@ class ResultsWriter(tune.Callback):
                           **info: Any) -> None:
         if self.trials.get(trial.trial_id, {}).get("status") != result_keys.ERROR:  # diverged stays
             self._update(trial, result_keys.TERMINATED)
+        self.finished[trial.trial_id] = self.saves + SAVES_BEFORE_DELETING
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial,
                        **info: Any) -> None:
         self._update(trial, result_keys.ERROR, error=_error_line(trial))
 
+    def get_state(self) -> None:
+        self.saves += 1  # Tune is saving its state (see the module's docstring)
+
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        self.flush()
+        self.flush(tune_saved=True)  # Tune's last save is in the run directory
 
     def _uri(self, path: str) -> str:
         if is_uri(self.run_uri):
@@ -153,6 +189,21 @@ class ResultsWriter(tune.Callback):
                                             "trial_id": trial.trial_id}
                 self.dirty = True
         return True
+
+    def _checkpoints_to_delete(self, tune_saved: bool) -> list[str]:
+        """The checkpoints of the finished trials past the `keep_checkpoints` best that may
+        be deleted now (`tune_saved`: all of them), taken out of their rows."""
+        if self.keep_checkpoints is None:
+            return []
+        finished = [self.trials[trial_id] for trial_id in self.finished]
+        kept = {row["trial_id"] for row in
+                rank_trials(finished, "best_metric", self.mode)[:self.keep_checkpoints]}
+        deleting = [trial_id for trial_id, saves in self.finished.items()
+                    if (tune_saved or saves <= self.saves) and trial_id not in kept
+                    and trial_id in self.checkpoints]
+        for trial_id in deleting:
+            self.trials[trial_id]["checkpoint_path"] = None
+        return [self.checkpoints.pop(trial_id) for trial_id in deleting]
 
     def _config(self, trial: Trial) -> dict[str, Any]:
         if trial.trial_id not in self.configs:
@@ -189,7 +240,10 @@ class ResultsWriter(tune.Callback):
                            best_val_acc=best["val_acc"], best_val_loss=best["val_loss"])
         return summary
 
-    def flush(self) -> None:
+    def flush(self, tune_saved: bool = False) -> None:
+        """Write both files, then delete the checkpoints that may go (see the module's
+        docstring)."""
+        deleting = self._checkpoints_to_delete(tune_saved)
         run = RunDir.open(self.run_uri)
         schema = trials_schema()
         rows = [{name: row.get(name) for name in schema.names} for row in self.trials.values()]
@@ -203,6 +257,10 @@ class ResultsWriter(tune.Callback):
         push_journal(run)
         self.last_flush = time.monotonic()
         self.dirty = False
+        for location in deleting:
+            fs, path = open_uri(location)
+            with suppress(FileNotFoundError):  # deleted before a kill that the files missed
+                fs.delete_dir(path)
 
 
 def _error_line(trial: Trial) -> str:

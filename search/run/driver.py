@@ -73,6 +73,7 @@ def search_metadata(request: SearchRequest, data: Dataset) -> dict[str, Any]:
             "budget": None if request.budget is None else str(request.budget),
             "confirm": {"top": request.confirm, "seeds_per_config": request.confirm_seeds}
             if request.confirm else None,
+            "keep_checkpoints": request.keep_checkpoints,
             "space_file": space.source,
             "space_text": space.text, "fixed": space.fixed,
             "searched": [p.name for p in space.params], "data": data.source,
@@ -119,13 +120,16 @@ def build_tuner(request: SearchRequest, data: DecodedData, concurrent: int,
             reuse_actors=True, trial_dirname_creator=trial_dirname),
         run_config=run_config(request, request.storage, request.name, request.run_uri,
                               request.trials,
-                              stop=None if request.budget is None else BudgetStopper()))
+                              stop=None if request.budget is None else BudgetStopper(),
+                              keep_checkpoints=request.keep_checkpoints))
 
 
 def run_config(request: SearchRequest, storage: str, name: str, results_uri: str,
-               trials: int | None, stop: Any = None) -> Any:
+               trials: int | None, stop: Any = None, keep_checkpoints: int | None = None
+               ) -> Any:
     """The Tune run config of the search's trials or its confirm runs: their rows go to
-    results_uri's Parquet files, their scalars to the run's TensorBoard directory."""
+    results_uri's Parquet files, their scalars to the run's TensorBoard directory; only the
+    `keep_checkpoints` best finished trials keep their checkpoints (None: all do)."""
     from ray import tune
 
     from search.record.progress import ProgressPrinter
@@ -135,7 +139,7 @@ def run_config(request: SearchRequest, storage: str, name: str, results_uri: str
     space = request.space
     callbacks = [
         ResultsWriter(results_uri, space.metric, space.mode, request.gpus_per_trial,
-                      request.cpus_per_trial),
+                      request.cpus_per_trial, keep_checkpoints),
         TensorBoardWriter(request.run_uri, space.metric, space.params),
         ProgressPrinter(space.metric, [p.name for p in space.params], trials),
     ]

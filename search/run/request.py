@@ -11,7 +11,12 @@ from typing import Any
 
 from optuna.distributions import CategoricalDistribution
 
-from search.defaults import DEFAULT_CONFIRM_SEEDS, DEFAULT_TRIALS, DEFAULT_WARM_START_TOP
+from search.defaults import (
+    DEFAULT_CONFIRM_SEEDS,
+    DEFAULT_KEEP_CHECKPOINTS,
+    DEFAULT_TRIALS,
+    DEFAULT_WARM_START_TOP,
+)
 from search.run.budget import Budget, parse_budget
 from search.run.confirm import check_confirm
 from search.rundir import SEARCH_FILE, TRIALS_FILE, RunDir, SearchRun
@@ -45,6 +50,9 @@ class SearchRequest:
     budget: Budget | None = None  # --budget: no trial starts once it would be exceeded
     confirm: int = 0  # --confirm K: the best configs trained again after the search
     confirm_seeds: int = DEFAULT_CONFIRM_SEEDS  # --confirm-seeds R: new seeds for each
+    # --keep-checkpoints: the finished trials, the best first, that keep their checkpoints
+    # (None: all of them)
+    keep_checkpoints: int | None = DEFAULT_KEEP_CHECKPOINTS
 
     @property
     def run_uri(self) -> str:
@@ -144,6 +152,7 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
 
     trials = check_trials(args.trials, args.budget)
     confirm, confirm_seeds = check_confirm(args.confirm, args.confirm_seeds, trials)
+    keep_checkpoints = check_keep_checkpoints(args.keep_checkpoints, confirm)
     if args.warm_start_top < 1:
         raise UserError(f"--warm-start-top must be >= 1, got {args.warm_start_top}")
     gpus, cpus = pick(args.gpus_per_trial, "gpus_per_trial", 0.0), pick(
@@ -165,7 +174,22 @@ def request_from_args(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         max_failures=args.max_failures, address=args.address, seed=sampler_seed,
         command_line=args.command_line, warm_start=args.warm_start,
         warm_start_top=args.warm_start_top, budget=budget, confirm=confirm,
-        confirm_seeds=confirm_seeds)
+        confirm_seeds=confirm_seeds, keep_checkpoints=keep_checkpoints)
+
+
+def check_keep_checkpoints(keep: str | None, confirm: int) -> int | None:
+    """--keep-checkpoints K (or its default), at least --confirm's K: the config a confirm
+    hands over is one of its best trials, and `--weights RUN` starts from its checkpoint."""
+    least = max(1, confirm)
+    if keep is None:
+        return max(DEFAULT_KEEP_CHECKPOINTS, least)
+    if keep == "all":
+        return None
+    if not (keep.isdigit() and int(keep) >= least):
+        why = f" (--confirm {confirm})" if confirm > 1 else ""
+        raise UserError(f"--keep-checkpoints must be 'all' or a whole number >= {least}{why}, "
+                        f"got {keep!r}")
+    return int(keep)
 
 
 def check_trials(trials: int | None, budget: str | None) -> int | None:
@@ -199,7 +223,8 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
                         "--add-trials")
     ignored = [f"--{key.replace('_', '-')}" for key in (
         "space", "warm_start", "sampler", "scheduler", "max_epochs", "gpus_per_trial",
-        "cpus_per_trial", "seed", "sampler_seed", "confirm", "confirm_seeds", *fixed)
+        "cpus_per_trial", "seed", "sampler_seed", "confirm", "confirm_seeds",
+        "keep_checkpoints", *fixed)
         if getattr(args, key, None) is not None]
     if ignored:
         raise UserError(f"{flag} goes on with the search's own space, resources and history; "
@@ -228,4 +253,6 @@ def continue_request(args: Any, fixed: dict[str, Any]) -> SearchRequest:
         max_failures=args.max_failures, address=args.address, seed=meta["seed"],
         command_line=meta["command"] if args.resume else args.command_line, budget=budget,
         confirm=confirm.get("top", 0),
-        confirm_seeds=confirm.get("seeds_per_config", DEFAULT_CONFIRM_SEEDS))
+        confirm_seeds=confirm.get("seeds_per_config", DEFAULT_CONFIRM_SEEDS),
+        # a search from before --keep-checkpoints kept every checkpoint
+        keep_checkpoints=meta.get("keep_checkpoints"))
