@@ -125,6 +125,7 @@ def test_device_images_gather_the_requested_rows_and_labels() -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.long
 def test_warm_start_benchmark_prints_the_ratio(tmp_path: Path, ray_session: None,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     """In this process, on the session's Ray (a script of its own would start another)."""

@@ -23,7 +23,7 @@ from trainable import TrainConfig
 from trainable.data import decode_dataset
 from trainable.data_file import IMAGES_FILE, RUN_DATA_DIR
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.long]
 
 
 def add_worker(cluster: Cluster, cache: Path) -> Any:

@@ -438,6 +438,7 @@ def lose_named_checkpoints(run: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_search_resumes_three_times_with_each_epoch_once_and_its_sampler_history(
         tmp_path: Path, ray_session: None) -> None:
     """SIGKILL of the driver early (Tune's saved state holds an epoch that epochs.parquet
@@ -590,6 +591,7 @@ def test_a_killed_add_trials_resumes_with_each_epoch_once_and_the_whole_history(
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_budget_search_resumes_with_what_its_budget_has_left(
         tmp_path: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
     """`--budget 2m` and no --trials, SIGKILL of the driver once it has spent a minute

@@ -73,6 +73,7 @@ def labelled_digits(folder: Path, resolution: int) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.long
 def test_a_search_on_s3_then_results_best_retrain_ensemble_and_predict(
         s3_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -392,7 +392,7 @@ def test_a_gpu_share_on_a_cluster_without_gpus_fails(monkeypatch: pytest.MonkeyP
                                  sampler_seed=None,
                                  command_line="resnet-hpo search", warm_start=None,
                                  warm_start_top=4, budget=None, confirm=None,
-                                 confirm_seeds=None))
+                                 confirm_seeds=None, keep_checkpoints=None))
     with pytest.raises(UserError, match=r"0 GPUs in all.*use --gpus-per-trial 0"):
         check_resources(request_from_args(args, {}))
 

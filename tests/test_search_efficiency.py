@@ -61,6 +61,7 @@ def test_the_benchmark_task_is_a_space_with_a_bad_lr_region() -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.long
 def test_three_searches_print_the_ratio(tmp_path: Path, ray_session: None,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     space = search_space_file(tmp_path, max_epochs=1, grace_period=1)

@@ -483,6 +483,7 @@ def test_warm_start_tries_the_best_configs_first_and_records_where_it_started(
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.long
 def test_add_trials_appends_trials_sampled_by_tpe_with_the_earlier_ones_as_history(
         digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "runs" / "more"
