@@ -155,7 +155,8 @@ def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
     """keep_checkpoints 2: a finished trial's checkpoint goes at the first flush after Tune
     has saved its state SAVES_BEFORE_DELETING times since (or at the end), once the files hold
     its rows, unless it is among the 2 best finished; a running trial's never goes, and a
-    resumed writer does not name a deleted one again."""
+    resumed writer does not name a deleted one again, nor keep the row of a trial Tune's
+    saved state never held."""
     import pyarrow.fs as pafs
 
     from search.record.results_writer import SAVES_BEFORE_DELETING, ResultsWriter
@@ -202,12 +203,14 @@ def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
     writer.on_trial_complete(0, [], e)
     writer.on_experiment_end([])  # after Tune's last save: no need to wait
     assert kept() == {"b", "e", "running"}
+    writer.on_trial_start(0, [], trial("late"))  # started after Tune's last save, then killed
+    writer.flush()
 
     resumed = ResultsWriter(str(tmp_path), "val_acc", "max", 0.0, 1.0, keep_checkpoints=2)
     resumed.setup()
     restored = [trial(name, "TERMINATED") for name in "abcde"] + [trials["running"]]
     resumed.on_step_begin(0, restored)  # Tune's state names every checkpoint it saw
-    assert kept() == {"b", "e", "running"}
+    assert kept() == {"b", "e", "running"}  # and "late", which never runs, has no row
 
 
 class FakeTuneSession:

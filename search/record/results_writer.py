@@ -101,6 +101,7 @@ class ResultsWriter(tune.Callback):
             if row["status"] not in (result_keys.TERMINATED, result_keys.ERROR) and (
                     trial_id not in held):  # started after Tune's last save: never runs
                 del self.trials[trial_id]
+                self.epochs.pop(trial_id, None)
                 self.dirty = True
         for trial in trials:
             if self._restore_rows(trial):
