@@ -156,7 +156,7 @@ def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
     has saved its state SAVES_BEFORE_DELETING times since (or at the end), once the files hold
     its rows, unless it is among the 2 best finished; a running trial's never goes, and a
     resumed writer does not name a deleted one again, nor keep the row of a trial Tune's
-    saved state never held."""
+    saved state never held. A trial's checkpoints go with it, those Tune never registered too."""
     import pyarrow.fs as pafs
 
     from search.record.results_writer import SAVES_BEFORE_DELETING, ResultsWriter
@@ -189,6 +189,8 @@ def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
     trials = {name: trial(name) for name in ("a", "b", "c", "d", "running")}
     for name, val_acc in (("a", 0.5), ("b", 0.9), ("c", 0.7), ("d", 0.3), ("running", 0.1)):
         trains(writer, trials[name], val_acc)
+        # one Tune never registered: written after a kill, or mended from on --resume
+        (tmp_path / name / "checkpoint_000001").mkdir()
         if name != "running":
             writer.on_trial_complete(0, [], trials[name])
     for _ in range(SAVES_BEFORE_DELETING - 1):
@@ -196,7 +198,7 @@ def test_the_results_writer_keeps_the_checkpoints_of_the_best_finished_trials(
     writer.flush()
     assert kept() == {"a", "b", "c", "d", "running"}  # Tune's saved state may still run them
     writer.get_state()
-    assert len(list(tmp_path.glob("*/checkpoint_*"))) == 5  # until the files hold their rows
+    assert len(list(tmp_path.glob("*/checkpoint_*"))) == 10  # until the files hold their rows
     writer.flush()
     assert kept() == {"b", "c", "running"}
     trains(writer, e := trial("e"), 0.8)

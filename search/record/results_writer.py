@@ -35,6 +35,7 @@ from contextlib import suppress
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.experiment import Trial
 
@@ -259,9 +260,20 @@ class ResultsWriter(tune.Callback):
         self.last_flush = time.monotonic()
         self.dirty = False
         for location in deleting:
-            fs, path = open_uri(location)
-            with suppress(FileNotFoundError):  # deleted before a kill that the files missed
-                fs.delete_dir(path)
+            _delete_trial_checkpoints(location)
+
+
+def _delete_trial_checkpoints(latest: str) -> None:
+    """Delete every checkpoint folder of the trial whose latest checkpoint is `latest`. Its
+    folder may also hold checkpoints Tune never registered, and so never deletes: one its
+    actor wrote after the driver was killed, or the one --resume mended Tune's state from
+    (search/run/tune_state.py)."""
+    fs, path = open_uri(latest)
+    trial_dir = posixpath.dirname(path.rstrip("/"))
+    for info in fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            with suppress(FileNotFoundError):
+                fs.delete_dir(info.path)
 
 
 def _error_line(trial: Trial) -> str:
