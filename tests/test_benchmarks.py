@@ -159,8 +159,14 @@ def test_augment_prints_each_policy_and_size_then_a_ratio() -> None:
 
 
 @pytest.mark.slow
-def test_augment_value_prints_each_pieces_mean_and_paired_difference() -> None:
-    lines = run_script("augment_value.py", "--seeds", "2", "--epochs", "1", "--per-class", "2")
+@pytest.mark.parametrize("backbone", [
+    "none", pytest.param("pretrained", marks=pytest.mark.long)])
+def test_augment_value_prints_each_pieces_mean_and_paired_difference(backbone: str) -> None:
+    lines = run_script("augment_value.py", "--backbone", backbone, "--source-epochs", "1",
+                       "--seeds", "2", "--epochs", "1", "--per-class", "2")
+    header = next(line for line in lines if line.startswith("augment_value:"))
+    assert ("digits 32px from random weights" if backbone == "none"
+            else "shapes 16px fine-tuned from transfer.py's backbone") in header
     table = lines[lines.index(next(line for line in lines if line.startswith("piece"))) + 1:]
     assert [line[:20].strip() for line in table] == ["none", "trivial", "randaugment",
                                                      "random erasing 0.25", "ema 0.95"]
