@@ -18,9 +18,9 @@ strategy (lr 0.05, layer_decay 0.7), the same warmup, smoothing and auto crop an
 pad crop and a flip for shapes). No ImageNet weights can be downloaded here, so this is
 the nearest this machine has to fine-tuning a pretrained network.
 
-Seeds are paired: seed s of every piece starts from the
-same initial weights and batch order, so each piece's difference from `none` is given with
-the standard error of the paired differences, next to each mean with its standard error.
+Seeds are paired: seed s of every piece starts from the same initial weights and batch
+order, so each piece's difference from `none` is given with the standard error of the
+paired differences, next to each mean with its standard error.
 Everything is seeded: a rerun on the same machine and thread count prints the same numbers,
 however many worker processes (one thread each) share the runs.
 """
