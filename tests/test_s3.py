@@ -166,6 +166,46 @@ def test_a_missing_or_broken_checkpoint_in_s3_is_one_line_naming_it(
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_tensorboard_copies_only_the_ended_trials_folder_into_s3(
+        s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's end copies its own staged folder up, not every trial's again (which made
+    each end cost time in proportion to the trials before it); the search's end copies all."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from ray.tune.experiment import Trial
+
+    import search.record.tensorboard_writer as tensorboard_writer
+    from search.rundir import EPOCH_METRICS
+    from spaces.space import load_space
+    from trainable.ranking import objective_name
+
+    copied: list[str] = []
+    upload_dir = tensorboard_writer.upload_dir
+
+    def recorded_upload_dir(directory: Path, fs: pafs.FileSystem, target: str) -> None:
+        copied.append(target.removeprefix(f"{BUCKET}/runs/tb/"))
+        upload_dir(directory, fs, target)
+
+    monkeypatch.setattr(tensorboard_writer, "upload_dir", recorded_upload_dir)
+    space = load_space("quick")
+    writer = tensorboard_writer.TensorBoardWriter(f"s3://{BUCKET}/runs/tb", space.metric,
+                                                  space.params)
+    trials = [cast("Trial", SimpleNamespace(trial_id=name, config={"weights": "none"}))
+              for name in "ab"]
+    for trial in trials:
+        writer.on_trial_result(0, [], trial, {
+            "epoch": 1, objective_name(space.metric): 0.5,
+            **dict.fromkeys(EPOCH_METRICS[1:], 0.5)})
+    writer.on_trial_complete(0, [], trials[0])
+    assert copied == ["tensorboard/a"]
+    assert {path.split("/")[3] for path in bucket_files("runs/tb")} == {"a"}
+    writer.on_trial_error(0, [], trials[1])
+    writer.on_experiment_end([])
+    assert copied == ["tensorboard/a", "tensorboard/b", "tensorboard"]
+    assert {path.split("/")[3] for path in bucket_files("runs/tb")} == {"a", "b"}
+
+
 def test_options_in_a_storage_uri_are_refused_with_the_variable_to_use() -> None:
     with pytest.raises(UserError, match=r"\?endpoint_override=x/t: options .* AWS_ENDPOINT_URL"):
         RunDir.open("s3://bucket/runs?endpoint_override=x/t")

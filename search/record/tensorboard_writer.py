@@ -6,8 +6,11 @@ and trials.parquet), then the metrics, the search metric's best first: TensorBoa
 the hyperparameters by name and shows the first five of each list, so among all 30 config
 keys the searched ones would seldom be shown.
 
-Remote run directories (s3://...) are written to a local staging directory and copied
-up whenever a trial ends, because TensorBoard's writer only appends to local files.
+Remote run directories (s3://...) are written to a local staging directory, because
+TensorBoard's writer only appends to local files: a trial's folder is copied up when it
+ends (its own only: copying them all at every end cost the driver's loop time quadratic in
+the search's size, at the moment a slot waits for its next trial), and every folder when
+the search ends.
 """
 
 from __future__ import annotations
@@ -124,9 +127,12 @@ class TensorBoardWriter(tune.Callback):
         writer.file_writer.add_summary(session_end_summary(status))
         writer.close()
         del self.writers[trial.trial_id]
-        self._upload()
+        self._upload(trial.trial_id)
 
-    def _upload(self) -> None:
+    def _upload(self, trial_id: str | None = None) -> None:
+        """Copy the staged folder of `trial_id` (None: of every trial) into a remote run."""
         run = RunDir.open(self.run_uri)
-        if run.local_path() is None and self.logdir.exists():
-            upload_dir(self.logdir, run.fs, run.join(TENSORBOARD_DIR))
+        folder = [] if trial_id is None else [trial_id]
+        staged = self.logdir.joinpath(*folder)
+        if run.local_path() is None and staged.exists():
+            upload_dir(staged, run.fs, run.join(TENSORBOARD_DIR, *folder))
