@@ -31,7 +31,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from search.rundir import STUDY_FILE, STUDY_NAME, RunDir
 from trainable.errors import UserError
 from trainable.ranking import study_direction
-from trainable.storage import LOCAL, copy_file, replace_file
+from trainable.storage import LOCAL, copy_file
 
 if TYPE_CHECKING:
     from spaces import SearchSpace
@@ -80,11 +80,18 @@ def pull_journal(run: RunDir) -> None:
             remote.replace(local)
 
 
-def push_journal(run: RunDir) -> None:
-    """Copy the driver's journal into a remote run directory (a local one holds it)."""
+def driver_journal(run: RunDir) -> bytes | None:
+    """The driver's journal of a remote run, as it is now, for `push_journal`; None for a
+    local run (it holds the journal) or before the first trial."""
     local = journal_path(run)
-    if run.local_path() is None and local.exists():
-        replace_file(LOCAL, str(local), run.fs, run.join(STUDY_FILE))
+    if run.local_path() is not None or not local.exists():
+        return None
+    return local.read_bytes()
+
+
+def push_journal(run: RunDir, journal: bytes) -> None:
+    """Write the driver's journal (`driver_journal`) into the remote run directory."""
+    run.write_bytes(STUDY_FILE, journal)
 
 
 def check_journal(run: RunDir) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -204,6 +205,44 @@ def test_tensorboard_copies_only_the_ended_trials_folder_into_s3(
     writer.on_experiment_end([])
     assert copied == ["tensorboard/a", "tensorboard/b", "tensorboard"]
     assert {path.split("/")[3] for path in bucket_files("runs/tb")} == {"a", "b"}
+
+
+def test_the_results_writer_writes_a_remote_run_off_tunes_loop_and_waits_at_the_end(
+        s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flush into s3 returns while its files are still being written; the next flush comes
+    after it, and the search's end returns once the last is in the bucket."""
+    import threading
+    from types import SimpleNamespace
+    from typing import cast
+
+    from ray.tune.experiment import Trial
+
+    from search.record.results_writer import ResultsWriter
+    from search.rundir import EPOCHS_FILE, TRIALS_FILE
+
+    release = threading.Event()
+    write_table = RunDir.write_table
+
+    def held_write_table(run: RunDir, name: str, table: Any, metadata: Any = None) -> None:
+        assert release.wait(60)
+        write_table(run, name, table, metadata)
+
+    monkeypatch.setattr(RunDir, "write_table", held_write_table)
+    writer = ResultsWriter(f"s3://{BUCKET}/runs/flush", "val_acc", "max", 0.0, 1.0)
+    writer.setup()
+    writer.on_step_begin(0, [])  # flushes
+    trial = cast("Trial", SimpleNamespace(
+        trial_id="a", config={"weights": "none"}, last_result={}, status="RUNNING",
+        checkpoint=None, latest_checkpoint_result=None))
+    writer.on_trial_start(0, [], trial)
+    writer.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.5})
+    run = RunDir.open(f"s3://{BUCKET}/runs/flush")
+    assert not run.exists(TRIALS_FILE)  # the first flush is still being written
+    release.set()
+    writer.on_experiment_end([])
+    assert [row["trial_id"] for row in run.read_table(TRIALS_FILE).to_pylist()] == ["a"]
+    assert [(row["trial_id"], row["epoch"]) for row in run.read_table(EPOCHS_FILE).to_pylist()
+            ] == [("a", 1)]
 
 
 def test_options_in_a_storage_uri_are_refused_with_the_variable_to_use() -> None:

@@ -30,6 +30,7 @@ from search.study import (
     SUPERSEDES_ATTR,
     TRIAL_ID_ATTR,
     check_journal,
+    driver_journal,
     journal_path,
     latest_trials,
     open_storage,
@@ -102,7 +103,9 @@ def test_a_remote_run_keeps_its_journal_on_the_driver_and_a_copy_in_the_run(
     study = open_study(open_storage(run), load_space("quick"))
     study.tell(study.ask(), 0.5)
     assert local.is_file() and not remote.exists()
-    push_journal(run)  # as the results writer does with every flush
+    journal = driver_journal(run)
+    assert journal is not None and driver_journal(RunDir.open(tmp_path / "local")) is None
+    push_journal(run, journal)  # as the results writer does with every flush
     assert remote.read_bytes() == local.read_bytes()
 
     study.tell(study.ask(), 0.6)  # the driver's copy is ahead of the run's: it stays

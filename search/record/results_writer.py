@@ -13,6 +13,12 @@ from an older checkpoint) replaces its earlier row instead of duplicating it.
 The bookkeeping per result is constant: rows are indexed by trial, and a trial's config is
 validated once.
 
+For a remote run directory (s3://...) the writes go to a thread of their own: each is a
+few requests, and they would hold Tune's event loop, and with it every slot waiting for its
+next trial, for about a second. The files are built on the loop, and a flush
+waits for the one before, so they are written in order; the search's end waits for the
+last.
+
 A finished trial never trains again, and of its checkpoint only the best epoch's weights are
 used again (ensembles, `--weights RUN`), and only of the best trials. So past the
 `keep_checkpoints` best finished trials (ranked as SearchRun.ranked ranks them), a finished
@@ -28,9 +34,11 @@ search ends (after Tune's last save).
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any
 
@@ -40,7 +48,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from search.rundir import EPOCHS_FILE, TRIALS_FILE, RunDir, epochs_schema, trials_schema
-from search.study import push_journal
+from search.study import driver_journal, push_journal
 from trainable import result_keys
 from trainable.config import TrainConfig
 from trainable.model_files import TRIAL_EPOCHS_FILE
@@ -74,11 +82,13 @@ class ResultsWriter(tune.Callback):
         self.restored = False  # rows restored from the checkpoints after setup
         self.dirty = False
         self.last_flush = 0.0
+        self.writing: Future[None] | None = None  # a remote run's flush being written
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks into the experiment state; the rows live in the Parquet files.
         state = dict(self.__dict__)
-        state.update(trials={}, epochs={}, configs={}, checkpoints={}, finished={})
+        state.update(trials={}, epochs={}, configs={}, checkpoints={}, finished={},
+                     writing=None)
         return state
 
     def setup(self, *args: Any, **info: Any) -> None:
@@ -160,6 +170,13 @@ class ResultsWriter(tune.Callback):
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self.flush(tune_saved=True)  # Tune's last save is in the run directory
+        self.wait_for_writes()
+
+    def wait_for_writes(self) -> None:
+        """Return once the last flush is in the run directory (raising what it raised)."""
+        if self.writing is not None:
+            writing, self.writing = self.writing, None
+            writing.result()
 
     def _uri(self, path: str) -> str:
         if is_uri(self.run_uri):
@@ -252,15 +269,35 @@ class ResultsWriter(tune.Callback):
         for row in rows:
             if row["status"] != result_keys.TERMINATED:
                 row["stopped_early"] = False
-        run.write_table(TRIALS_FILE, pa.Table.from_pylist(rows, schema=schema))
         epochs = [self.epochs[trial_id][epoch] for trial_id in sorted(self.epochs)
                   for epoch in sorted(self.epochs[trial_id])]
-        run.write_table(EPOCHS_FILE, pa.Table.from_pylist(epochs, schema=epochs_schema()))
-        push_journal(run)
+        write = functools.partial(
+            _write_run, run, pa.Table.from_pylist(rows, schema=schema),
+            pa.Table.from_pylist(epochs, schema=epochs_schema()), driver_journal(run), deleting)
         self.last_flush = time.monotonic()
         self.dirty = False
-        for location in deleting:
-            _delete_trial_checkpoints(location)
+        if run.local_path() is not None:
+            write()
+            return
+        self.wait_for_writes()
+        self.writing = _remote_writes().submit(write)
+
+
+@functools.cache
+def _remote_writes() -> ThreadPoolExecutor:
+    """The driver's one thread for remote runs' flushes."""
+    return ThreadPoolExecutor(1, thread_name_prefix="resnet-hpo-results")
+
+
+def _write_run(run: RunDir, trials: pa.Table, epochs: pa.Table, journal: bytes | None,
+               deleting: list[str]) -> None:
+    """Write a flush's files, then delete the checkpoints whose rows they hold."""
+    run.write_table(TRIALS_FILE, trials)
+    run.write_table(EPOCHS_FILE, epochs)
+    if journal is not None:
+        push_journal(run, journal)
+    for location in deleting:
+        _delete_trial_checkpoints(location)
 
 
 def _delete_trial_checkpoints(latest: str) -> None:
