@@ -15,9 +15,9 @@ validated once.
 
 For a remote run directory (s3://...) the writes go to a thread of their own: each is a
 few requests, and they would hold Tune's event loop, and with it every slot waiting for its
-next trial, for about a second. The files are built on the loop, and a flush
-waits for the one before, so they are written in order; the search's end waits for the
-last.
+next trial, for about a second. The tables and the journal's bytes are taken on the loop,
+a flush waits for the one before (the files are written in order), and the search's end
+waits for the last.
 
 A finished trial never trains again, and of its checkpoint only the best epoch's weights are
 used again (ensembles, `--weights RUN`), and only of the best trials. So past the
