@@ -8,22 +8,29 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from ray.tune.experiment import Trial
 
+import search.record.tensorboard_writer as tensorboard_writer
 from benchmarks.common import moto_s3
 from search.cli import main
 from search.commands.predict import predict_command
-from search.rundir import RunDir
+from search.record.results_writer import ResultsWriter
+from search.rundir import EPOCH_METRICS, EPOCHS_FILE, TRIALS_FILE, RunDir
+from spaces.space import load_space
 from trainable import load_dataset
 from trainable.errors import UserError
+from trainable.ranking import objective_name
 
 BUCKET = "resnet-hpo-test"
 SPACE = """
@@ -171,16 +178,6 @@ def test_tensorboard_copies_only_the_ended_trials_folder_into_s3(
         s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial's end copies its own staged folder up, not every trial's again (which made
     each end cost time in proportion to the trials before it); the search's end copies all."""
-    from types import SimpleNamespace
-    from typing import cast
-
-    from ray.tune.experiment import Trial
-
-    import search.record.tensorboard_writer as tensorboard_writer
-    from search.rundir import EPOCH_METRICS
-    from spaces.space import load_space
-    from trainable.ranking import objective_name
-
     copied: list[str] = []
     upload_dir = tensorboard_writer.upload_dir
 
@@ -211,15 +208,6 @@ def test_the_results_writer_writes_a_remote_run_off_tunes_loop_and_waits_at_the_
         s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A flush into s3 returns while its files are still being written; the next flush comes
     after it, and the search's end returns once the last is in the bucket."""
-    import threading
-    from types import SimpleNamespace
-    from typing import cast
-
-    from ray.tune.experiment import Trial
-
-    from search.record.results_writer import ResultsWriter
-    from search.rundir import EPOCHS_FILE, TRIALS_FILE
-
     release = threading.Event()
     write_table = RunDir.write_table
 
